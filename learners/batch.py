@@ -1,0 +1,77 @@
+"""Data that crosses process boundaries: rollouts (actor -> learner) and weights (learner -> actor).
+
+Plain dataclasses of numpy arrays, so Ray ships them through its object store without copies and
+observations stay in their native dtype (uint8 frames for Procgen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from learners.ppo import compute_gae
+
+
+@dataclass
+class Weights:
+    version: int              # the learner's optimizer step count when the weights were taken
+    state_dict: dict[str, np.ndarray]
+
+    @classmethod
+    def from_module(cls, version: int, module: torch.nn.Module) -> "Weights":
+        return cls(version, {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()})
+
+    def load_into(self, module: torch.nn.Module) -> None:
+        module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in self.state_dict.items()})
+
+
+@dataclass
+class Rollout:
+    """`num_steps` consecutive steps of one actor's `num_envs` environments, arrays shaped (T, N, ...)."""
+
+    learner_id: int
+    actor_id: int
+    weights_version: int
+    obs: np.ndarray           # observation before each action (uint8 frames or float vectors)
+    actions: np.ndarray       # int64
+    logprobs: np.ndarray      # float32, behaviour policy
+    values: np.ndarray        # float32, behaviour value estimate
+    rewards: np.ndarray       # float32, normalised+clipped (+ gamma*V(final obs) where an episode was truncated)
+    dones: np.ndarray         # bool, the episode ended with this step's action
+    next_value: np.ndarray    # (N,) float32, V of the state after the last step
+    episode_returns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))   # raw, finished episodes
+    episode_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    collect_seconds: float = 0.0
+    inference_seconds: float = 0.0
+
+    @property
+    def env_steps(self) -> int:
+        return int(self.actions.size)
+
+
+@dataclass
+class Batch:
+    """Several rollouts flattened to (B, ...) with advantages and returns, ready for minibatching."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    logprobs: np.ndarray
+    values: np.ndarray
+    advantages: np.ndarray
+    returns: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.actions)
+
+    @classmethod
+    def from_rollouts(cls, rollouts: list[Rollout], gamma: float, gae_lambda: float) -> "Batch":
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "actions", "logprobs", "values", "advantages", "returns")}
+        for r in rollouts:
+            advantages, returns = compute_gae(r.rewards, r.values, r.dones, r.next_value, gamma, gae_lambda)
+            for name, array in (("obs", r.obs), ("actions", r.actions), ("logprobs", r.logprobs),
+                                ("values", r.values), ("advantages", advantages), ("returns", returns)):
+                parts[name].append(array.reshape(-1, *array.shape[2:]))
+        return cls(**{k: np.ascontiguousarray(np.concatenate(v)) for k, v in parts.items()})

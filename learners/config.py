@@ -1,0 +1,217 @@
+"""Training configuration: one validated dataclass, presets, and the sync schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+SYNC_CHOICES = ("minibatch", "epoch", "iteration")
+DISTILL_MODES = ("detached", "exact")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which and how to fix it."""
+
+
+@dataclass
+class TrainConfig:
+    # --- environment ---
+    env_id: str = "coinrun"
+    """Procgen game (e.g. `coinrun`, `procgen:coinrun`) or any registered Gymnasium id (e.g. `CartPole-v1`)."""
+    distribution_mode: str = "hard"
+    """Procgen distribution mode; must be one the game supports."""
+    num_levels: int = 500
+    """Number of training levels (Procgen)."""
+    start_level: int = 0
+    """First training level (Procgen)."""
+    # --- algorithm (PAPER.md) ---
+    num_learners: int = 2
+    """Policies trained side by side; with more than 2 each distills toward every peer (mean of the KLs)."""
+    alpha: float = 1.0
+    """Distillation weight; 0 gives independent PPO agents with no distillation traffic (the baseline)."""
+    distill_mode: str = "detached"
+    """`detached`: the peer's logits are fixed targets (classic DML). `exact`: the KL gradient also flows into the peer (authors' code); needs --sync minibatch."""
+    sync: str = "minibatch"
+    """When peers exchange logits: `minibatch` (lockstep), `epoch`, `iteration`, or an integer k (every k minibatches)."""
+    total_steps: int = 25_000_000
+    """Environment steps per agent; rounded up to whole iterations."""
+    num_envs: int = 64
+    """Environments per learner, split evenly over its actors."""
+    num_steps: int = 256
+    """Steps per environment per rollout."""
+    num_minibatches: int = 8
+    update_epochs: int = 3
+    learning_rate: float = 5e-4
+    adam_eps: float = 1e-5
+    anneal_lr: bool = False
+    """Linearly decay the learning rate to 0 over the run."""
+    gamma: float = 0.999
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2
+    clip_vloss: bool = True
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    normalize_reward: bool = True
+    clip_reward: float = 10.0
+    return_window: int = 100
+    """Training return is the mean over this many most recent episodes."""
+    # --- evaluation ---
+    eval_episodes: int = 10
+    """Episodes per evaluation on unseen levels (num_levels=0, a seed distinct from training)."""
+    eval_every: int = 1
+    """Start an evaluation every this many iterations (0 disables; never blocks training)."""
+    eval_max_episode_steps: int = 0
+    """Cut evaluation episodes at this length (0: the game's own limit)."""
+    # --- system ---
+    seed: int = 1
+    num_actors: int = 1
+    """Rollout actors per learner."""
+    actor_cpus: float = 1.0
+    """Ray CPUs reserved per rollout actor."""
+    learner_cpus: float = 1.0
+    learner_threads: int = 0
+    """torch threads per learner (0: the learner's CPU reservation, at least 1)."""
+    device: str = "auto"
+    """`auto` (a GPU when Ray gives the learner one, else CPU), `cpu` or `cuda`."""
+    grpc_host: str = "127.0.0.1"
+    """Address learners bind their gRPC servers to (loopback by default; 0.0.0.0 on multi-node clusters)."""
+    grpc_port: int = 0
+    """Base port (learner i uses base+i); 0 picks free ports."""
+    rpc_timeout_s: float = 60.0
+    """Deadline of every gRPC call."""
+    sync_timeout_s: float = 300.0
+    """How long a learner waits for its peers at a sync point before failing."""
+    checkpoint_every: int = 10
+    """Checkpoint every this many iterations (and always at the end)."""
+    keep_checkpoints: int = 3
+    run_dir: str = ""
+    """Where config, metrics, checkpoints, plots and summary go (default runs/<env>-<time>)."""
+    ray_address: str = ""
+    """Existing Ray cluster (`auto`, `ray://...`, host:port); empty starts an embedded local Ray."""
+    progress: bool = True
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def envs_per_actor(self) -> int:
+        return self.num_envs // self.num_actors
+
+    @property
+    def num_iterations(self) -> int:
+        return math.ceil(self.total_steps / self.batch_size)
+
+    @property
+    def distilling(self) -> bool:
+        return self.alpha > 0 and self.num_learners > 1
+
+    @property
+    def sync_every_minibatches(self) -> int | None:
+        """k for the `every k minibatches` schedule (1 for `minibatch`), None for epoch/iteration."""
+        if self.sync == "minibatch":
+            return 1
+        if self.sync.isdigit():
+            return int(self.sync)
+        return None
+
+    # -------------------------------------------------------------- validation
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError on the first bad value, before any process starts."""
+        positive = ["num_learners", "total_steps", "num_envs", "num_steps", "num_minibatches",
+                    "update_epochs", "num_actors", "eval_episodes", "return_window", "keep_checkpoints",
+                    "checkpoint_every"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{_flag(name)} must be a positive integer, got {getattr(self, name)}")
+        for name in ["learning_rate", "adam_eps", "actor_cpus", "learner_cpus", "rpc_timeout_s", "sync_timeout_s",
+                     "max_grad_norm", "clip_coef", "clip_reward"]:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ["eval_every", "eval_max_episode_steps", "learner_threads", "ent_coef", "vf_coef"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
+            raise ConfigError(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {self.gamma} and {self.gae_lambda}")
+        if not math.isfinite(self.alpha) or self.alpha < 0:
+            raise ConfigError(f"--alpha must be >= 0 (0 = independent PPO), got {self.alpha}")
+        if self.num_envs % self.num_actors:
+            raise ConfigError(f"--num-envs {self.num_envs} must be divisible by --num-actors {self.num_actors} "
+                              "(each actor runs the same number of envs)")
+        if self.batch_size % self.num_minibatches:
+            raise ConfigError(f"the batch of num_envs*num_steps = {self.batch_size} is not divisible by "
+                              f"--num-minibatches {self.num_minibatches}; pick a divisor of {self.batch_size}")
+        if self.distill_mode not in DISTILL_MODES:
+            raise ConfigError(f"--distill-mode must be one of {', '.join(DISTILL_MODES)}, got {self.distill_mode!r}")
+        if not (self.sync in SYNC_CHOICES or (self.sync.isdigit() and int(self.sync) > 0)):
+            raise ConfigError(f"--sync must be one of {', '.join(SYNC_CHOICES)} or a positive integer k "
+                              f"(every k minibatches), got {self.sync!r}")
+        if self.distill_mode == "exact" and self.distilling and self.sync_every_minibatches != 1:
+            raise ConfigError("--distill-mode exact sends the KL gradient back to the peer at every minibatch, "
+                              f"so it needs --sync minibatch (got --sync {self.sync})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0 <= self.grpc_port <= 65535 - self.num_learners:
+            raise ConfigError(f"--grpc-port must be 0 (pick free ports) or a base port <= {65535 - self.num_learners}")
+        from actors.envs import validate_env  # deferred: pulls in gymnasium and procgen
+
+        try:
+            validate_env(self.env_id, self.distribution_mode)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return self
+
+    # ------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+PRESETS: dict[str, dict] = {
+    # PAPER.md's reference setup; GPU work.
+    "paper": dict(env_id="coinrun", distribution_mode="hard", num_levels=500, start_level=0, total_steps=25_000_000,
+                  num_envs=64, num_steps=256, num_minibatches=8, update_epochs=3, learning_rate=5e-4, gamma=0.999,
+                  gae_lambda=0.95, alpha=1.0, eval_episodes=10, eval_every=1, checkpoint_every=50),
+    # A few tiny Procgen iterations: finishes within 3 minutes on 2 CPU cores.
+    "smoke": dict(env_id="coinrun", distribution_mode="hard", total_steps=1024, num_envs=8, num_steps=64,
+                  num_minibatches=2, update_epochs=1, eval_episodes=4, eval_every=1, eval_max_episode_steps=200,
+                  checkpoint_every=1, actor_cpus=0.5, learner_cpus=0.5),
+    # Vector-observation env that checks the learning math through the whole pipeline in about a minute.
+    "cartpole": dict(env_id="CartPole-v1", total_steps=120_000, num_envs=8, num_steps=128, num_minibatches=4,
+                     update_epochs=4, learning_rate=2.5e-3, anneal_lr=True, gamma=0.99, gae_lambda=0.95, ent_coef=0.0,
+                     clip_reward=10.0, return_window=20, eval_episodes=5, eval_every=5, checkpoint_every=20,
+                     actor_cpus=0.5, learner_cpus=0.5),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return TrainConfig(**PRESETS[name])

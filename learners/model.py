@@ -1,0 +1,113 @@
+"""Policy/value networks: IMPALA-CNN for pixel observations (PAPER.md), an MLP for vector ones."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = x
+        x = self.conv0(torch.relu(x))
+        x = self.conv1(torch.relu(x))
+        return x + inputs
+
+
+class ConvSequence(nn.Module):
+    """conv3x3 -> maxpool 3/2 -> 2 residual blocks."""
+
+    def __init__(self, in_shape: tuple[int, int, int], out_channels: int):
+        super().__init__()
+        self.in_shape = in_shape
+        self.out_channels = out_channels
+        self.conv = nn.Conv2d(in_shape[0], out_channels, kernel_size=3, padding=1)
+        self.res_block0 = ResidualBlock(out_channels)
+        self.res_block1 = ResidualBlock(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        x = nn.functional.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        x = self.res_block0(x)
+        return self.res_block1(x)
+
+    def output_shape(self) -> tuple[int, int, int]:
+        _, h, w = self.in_shape
+        return self.out_channels, (h + 1) // 2, (w + 1) // 2
+
+
+class ImpalaEncoder(nn.Module):
+    """uint8 HWC frames -> 256 features."""
+
+    def __init__(self, obs_shape: tuple[int, int, int], channels: tuple[int, ...] = (16, 32, 32), features: int = 256):
+        super().__init__()
+        h, w, c = obs_shape
+        shape = (c, h, w)
+        stages = []
+        for out_channels in channels:
+            stage = ConvSequence(shape, out_channels)
+            shape = stage.output_shape()
+            stages.append(stage)
+        self.stages = nn.Sequential(*stages)
+        self.fc = layer_init(nn.Linear(int(np.prod(shape)), features))
+        self.out_features = features
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.permute(0, 3, 1, 2).float() / 255.0  # scale on the fly: rollouts stay uint8
+        x = self.stages(x)
+        x = torch.relu(torch.flatten(x, start_dim=1))
+        return torch.relu(self.fc(x))
+
+
+class MlpEncoder(nn.Module):
+    def __init__(self, obs_dim: int, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+        )
+        self.out_features = hidden
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs.float())
+
+
+class Agent(nn.Module):
+    """Encoder -> policy logits and state value."""
+
+    def __init__(self, encoder: nn.Module, num_actions: int):
+        super().__init__()
+        self.encoder = encoder
+        self.actor = layer_init(nn.Linear(encoder.out_features, num_actions), std=0.01)
+        self.critic = layer_init(nn.Linear(encoder.out_features, 1), std=1.0)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.encoder(obs)
+        return self.actor(hidden), self.critic(hidden).squeeze(-1)
+
+    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.actor(self.encoder(obs))
+
+
+def make_agent(obs_shape: tuple[int, ...], obs_dtype: str, num_actions: int) -> Agent:
+    """IMPALA-CNN for uint8 images (H, W, C), MLP for flat vectors."""
+    if len(obs_shape) == 3 and np.dtype(obs_dtype) == np.uint8:
+        return Agent(ImpalaEncoder(tuple(obs_shape)), num_actions)
+    if len(obs_shape) == 1:
+        return Agent(MlpEncoder(obs_shape[0]), num_actions)
+    raise ValueError(f"no network for observations of shape {obs_shape} and dtype {obs_dtype}: "
+                     "expected uint8 images (H, W, C) or flat vectors (D,)")

@@ -1,0 +1,48 @@
+"""The coordinator's plan for one iteration: minibatch order and where the peers sync."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    iteration: int
+    shuffle_seed: int              # the same for every learner: same minibatch order (PAPER.md)
+    batch_size: int
+    num_minibatches: int
+    update_epochs: int
+    sync: str                      # "minibatch" | "epoch" | "iteration" | "<k>"
+    distill: bool                  # False: no distillation traffic at all (alpha == 0)
+    learning_rate: float
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.shuffle_seed, epoch]).permutation(self.batch_size)
+
+    def sync_window(self, epoch: int, minibatch: int, perm: np.ndarray) -> np.ndarray | None:
+        """Sample indices whose peer logits are refreshed before this minibatch, or None if no sync here.
+
+        `epoch`/`iteration` refresh the whole batch (in sample order, so chunks are contiguous slices);
+        every-k refreshes the states of the next k minibatches.
+        """
+        if not self.distill:
+            return None
+        if self.sync == "iteration":
+            return np.arange(self.batch_size) if (epoch, minibatch) == (0, 0) else None
+        if self.sync == "epoch":
+            return np.arange(self.batch_size) if minibatch == 0 else None
+        k = 1 if self.sync == "minibatch" else int(self.sync)
+        if minibatch % k:
+            return None
+        mbs = self.minibatch_size
+        return perm[minibatch * mbs: min(minibatch + k, self.num_minibatches) * mbs]
+
+    def sync_points(self) -> int:
+        return sum(self.sync_window(e, j, self.permutation(e)) is not None
+                   for e in range(self.update_epochs) for j in range(self.num_minibatches))
