@@ -24,7 +24,7 @@ class Weights:
         return cls(version, {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()})
 
     def load_into(self, module: torch.nn.Module) -> None:
-        module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in self.state_dict.items()})
+        module.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in self.state_dict.items()})
 
 
 @dataclass

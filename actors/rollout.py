@@ -1,0 +1,148 @@
+"""Rollout collection: a vector env plus CPU inference with the learner's latest weights.
+
+Plain class; the coordinator makes it a Ray actor (`ray.remote(RolloutWorker)`), tests can run it
+in process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch.distributions import Categorical
+
+from actors.envs import get_reward_normalizer_state, make_vector_env, set_reward_normalizer_state
+from learners.batch import Rollout, Weights
+from learners.config import TrainConfig
+from learners.model import make_agent
+
+
+def _obs_spec(env) -> tuple[tuple[int, ...], str, int]:
+    space = env.single_observation_space
+    return tuple(space.shape), space.dtype.name, int(env.single_action_space.n)
+
+
+def env_spec(cfg: TrainConfig) -> tuple[tuple[int, ...], str, int]:
+    """(observation shape, observation dtype, number of actions) of the configured env."""
+    env = make_vector_env(cfg.env_id, 1, cfg.seed, num_levels=cfg.num_levels, start_level=cfg.start_level,
+                          distribution_mode=cfg.distribution_mode, normalize_reward=False, clip_reward=None)
+    try:
+        return _obs_spec(env)
+    finally:
+        env.close()
+
+
+class RolloutWorker:
+    """Collects fixed-length rollouts for one learner."""
+
+    def __init__(self, cfg: TrainConfig, learner_id: int, actor_id: int, seed: int):
+        torch.set_num_threads(1)   # many actors share a machine's cores; one thread each avoids oversubscription
+        self.cfg, self.learner_id, self.actor_id = cfg, learner_id, actor_id
+        self.env = make_vector_env(cfg.env_id, cfg.envs_per_actor, seed, num_levels=cfg.num_levels,
+                                   start_level=cfg.start_level, distribution_mode=cfg.distribution_mode,
+                                   gamma=cfg.gamma, normalize_reward=cfg.normalize_reward,
+                                   clip_reward=cfg.clip_reward)
+        obs_shape, obs_dtype, num_actions = _obs_spec(self.env)
+        self.agent = make_agent(obs_shape, obs_dtype, num_actions)
+        self.agent.eval()
+        self.version = -1
+        self.obs, _ = self.env.reset(seed=seed)
+        self.rng = torch.Generator().manual_seed(seed)
+        self.env_steps = 0
+
+    def _load(self, weights: Weights) -> None:
+        if weights.version != self.version:
+            weights.load_into(self.agent)
+            self.version = weights.version
+
+    @torch.no_grad()
+    def collect(self, weights: Weights) -> Rollout:
+        self._load(weights)
+        cfg, T, N = self.cfg, self.cfg.num_steps, self.cfg.envs_per_actor
+        obs_buf = np.empty((T, N, *self.obs.shape[1:]), dtype=self.obs.dtype)
+        actions = np.empty((T, N), np.int64)
+        logprobs, values, rewards = (np.empty((T, N), np.float32) for _ in range(3))
+        dones = np.empty((T, N), bool)
+        ep_returns, ep_lengths = [], []
+        t0, infer = time.perf_counter(), 0.0
+        for t in range(T):
+            obs_buf[t] = self.obs
+            ti = time.perf_counter()
+            logits, value = self.agent(torch.from_numpy(self.obs))
+            action = _sample(logits, self.rng)
+            logprobs[t] = Categorical(logits=logits).log_prob(action).numpy()
+            infer += time.perf_counter() - ti
+            values[t], actions[t] = value.numpy(), action.numpy()
+            self.obs, reward, terminated, truncated, info = self.env.step(actions[t])
+            reward = np.asarray(reward, np.float32).copy()
+            cut = truncated & ~terminated
+            if cut.any() and "final_obs" in info:
+                # A time limit is not a real end: bootstrap from the value of the state that was cut off.
+                final = np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)])
+                reward[cut] += cfg.gamma * self.agent(torch.from_numpy(final))[1].numpy()
+            rewards[t], dones[t] = reward, terminated | truncated
+            if "episode" in info:
+                done_mask = info["_episode"]
+                ep_returns.extend(np.asarray(info["episode"]["r"])[done_mask].tolist())
+                ep_lengths.extend(np.asarray(info["episode"]["l"])[done_mask].tolist())
+        next_value = self.agent(torch.from_numpy(self.obs))[1].numpy()
+        self.env_steps += T * N
+        return Rollout(self.learner_id, self.actor_id, self.version, obs_buf, actions, logprobs, values, rewards,
+                       dones, next_value, np.asarray(ep_returns, np.float32), np.asarray(ep_lengths, np.int64),
+                       time.perf_counter() - t0, infer)
+
+    def get_state(self) -> dict:
+        """What a checkpoint needs to continue this actor: reward-normaliser statistics."""
+        return {"reward_normalizer": get_reward_normalizer_state(self.env), "env_steps": self.env_steps}
+
+    def set_state(self, state: dict) -> None:
+        set_reward_normalizer_state(self.env, state.get("reward_normalizer", {}))
+        self.env_steps = int(state.get("env_steps", 0))
+
+    def ping(self) -> int:
+        return self.version
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+class Evaluator:
+    """Runs a policy on unseen levels (num_levels=0, its own seed) for a fixed number of episodes."""
+
+    def __init__(self, cfg: TrainConfig, learner_id: int, seed: int):
+        torch.set_num_threads(1)
+        self.cfg, self.learner_id, self.seed = cfg, learner_id, seed
+        self.env = make_vector_env(cfg.env_id, cfg.eval_episodes, seed, num_levels=0, start_level=seed,
+                                   distribution_mode=cfg.distribution_mode, normalize_reward=False, clip_reward=None)
+        obs_shape, obs_dtype, num_actions = _obs_spec(self.env)
+        self.agent = make_agent(obs_shape, obs_dtype, num_actions)
+        self.rng = torch.Generator().manual_seed(seed)
+        self.calls = 0
+
+    @torch.no_grad()
+    def evaluate(self, weights: Weights) -> dict:
+        """Mean return of the first episode of each of `eval_episodes` envs (cut at eval_max_episode_steps)."""
+        weights.load_into(self.agent)
+        n, limit = self.cfg.eval_episodes, self.cfg.eval_max_episode_steps or 10**9
+        obs, _ = self.env.reset(seed=self.seed + self.calls)
+        self.calls += 1
+        returns, lengths = np.zeros(n), np.zeros(n, np.int64)
+        done = np.zeros(n, bool)
+        t0 = time.perf_counter()
+        while not done.all() and lengths.max() < limit:
+            action = _sample(self.agent.logits(torch.from_numpy(obs)), self.rng).numpy()
+            obs, reward, terminated, truncated, _ = self.env.step(action)
+            returns[~done] += reward[~done]
+            lengths[~done] += 1
+            done |= terminated | truncated
+        return {"learner_id": self.learner_id, "weights_version": weights.version, "test_return": float(returns.mean()),
+                "test_returns": returns.tolist(), "test_lengths": lengths.tolist(), "completed": int(done.sum()),
+                "seconds": time.perf_counter() - t0}
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,88 @@
+"""The learner process: a Learner plus its gRPC server. Only plumbing; the math is in learner.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import torch
+
+from learners.batch import Rollout, Weights
+from learners.checkpoint import tensors_from_bytes, tensors_to_bytes
+from learners.config import TrainConfig
+from learners.distill_service import PeerClient, serve
+from learners.learner import Learner
+from learners.schedule import IterationPlan
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but this learner has no visible GPU")
+    return "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+class LearnerWorker:
+    def __init__(self, cfg: TrainConfig, learner_id: int, obs_shape: tuple[int, ...], obs_dtype: str, num_actions: int):
+        torch.set_num_threads(cfg.learner_threads or max(1, int(cfg.learner_cpus)))
+        self.cfg, self.id = cfg, learner_id
+        self.device = resolve_device(cfg.device)
+        self.learner = Learner(cfg, learner_id, obs_shape, obs_dtype, num_actions, self.device)
+        port = cfg.grpc_port + learner_id if cfg.grpc_port else 0
+        self.server, self.port = serve(self.learner, cfg.grpc_host, port)
+        self.clients: list[PeerClient] = []
+
+    def address(self) -> str:
+        host = self.cfg.grpc_host
+        if host in ("0.0.0.0", "::", ""):
+            import ray
+            host = ray.util.get_node_ip_address()
+        return f"{host}:{self.port}"
+
+    def info(self) -> dict:
+        return {"id": self.id, "device": self.device, "pid": os.getpid(), "host": socket.gethostname(),
+                "address": self.address()}
+
+    def connect(self, addresses: dict[int, str]) -> None:
+        self.clients = [PeerClient(pid, self.id, addr, self.cfg.rpc_timeout_s)
+                        for pid, addr in sorted(addresses.items()) if pid != self.id]
+        for client in self.clients:
+            client.wait_ready(self.cfg.rpc_timeout_s)
+        self.learner.connect(self.clients)
+
+    def weights(self) -> Weights:
+        return self.learner.weights()
+
+    def update(self, plan: IterationPlan, *rollouts: Rollout) -> dict:
+        stats = self.learner.update(list(rollouts), plan)
+        stats["env_steps"] = sum(r.env_steps for r in rollouts)
+        stats["episode_returns"] = np.concatenate([r.episode_returns for r in rollouts]).tolist()
+        stats["episode_lengths"] = np.concatenate([r.episode_lengths for r in rollouts]).tolist()
+        stats["collect_seconds"] = max(r.collect_seconds for r in rollouts)
+        stats["inference_seconds"] = sum(r.inference_seconds for r in rollouts)
+        stats["version_lag"] = max(self.learner.step - r.weights_version for r in rollouts)
+        return stats
+
+    def state(self) -> bytes:
+        learner = self.learner
+        return tensors_to_bytes({
+            "learner_id": self.id, "step": learner.step, "iteration": learner.iteration,
+            "model": learner.agent.state_dict(), "optimizer": learner.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state()})
+
+    def load_state(self, data: bytes) -> int:
+        state = tensors_from_bytes(data)
+        if state["learner_id"] != self.id:
+            raise ValueError(f"checkpoint is for learner {state['learner_id']}, not {self.id}")
+        learner = self.learner
+        learner.agent.load_state_dict(state["model"])
+        learner.optimizer.load_state_dict(state["optimizer"])
+        learner.step, learner.iteration = int(state["step"]), int(state["iteration"])
+        torch.set_rng_state(state["torch_rng"])
+        return learner.step
+
+    def stop(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.server.stop(grace=1.0).wait(5)
+        self.learner.close()
