@@ -28,4 +28,5 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+if __name__ == "__main__":   # setuptools runs this file as __main__; `make protos` imports it
+    setup(cmdclass={"build_py": BuildPyWithProtos})

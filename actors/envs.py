@@ -11,7 +11,7 @@ import difflib
 import importlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium
 import numpy as np
@@ -20,15 +20,19 @@ from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 from gymnasium.vector.utils import batch_space
 from gymnasium.wrappers.vector import ClipReward, NormalizeReward, RecordEpisodeStatistics
 
+if TYPE_CHECKING:
+    import procgen
+
 PROCGEN_GAMES: tuple[str, ...] = (
     "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
     "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
 )
 
 # Derived empirically from procgen-mirror 0.10.7: every (game, mode) pair was built in its own subprocess with
-# ProcgenGym3Env(num=1, ...) and stepped 20 times. Unsupported "extreme"/"memory" modes kill the process from C++
-# (`fassert failed ... game.cpp`, exit code 1), which is why validate_env must catch them first. "exploration"
-# is Python-side: a fixed hard level per game, available exactly for the games in procgen.env.EXPLORATION_LEVEL_SEEDS.
+# ProcgenGym3Env(num=1, ...) and stepped 20 times (tests/test_envs.py re-derives the whole table the same way).
+# Unsupported "extreme"/"memory" modes kill the process from C++ (`fassert failed ... game.cpp`, exit code 1), and
+# so does an unknown game name (SIGABRT), which is why validate_env must run first. "exploration" is Python-side:
+# one fixed hard level per game, available exactly for the games in procgen.env.EXPLORATION_LEVEL_SEEDS.
 _EXTREME = {"chaser", "dodgeball", "leaper", "starpilot"}
 _MEMORY = {"caveflyer", "dodgeball", "heist", "jumper", "maze", "miner"}
 _EXPLORATION = {"caveflyer", "climber", "coinrun", "heist", "jumper", "leaper", "maze", "ninja"}
@@ -140,7 +144,7 @@ class ProcgenVectorEnv(VectorEnv):
         self._gym3 = self._make_gym3(rand_seed)
         self._stepped = False
 
-    def _make_gym3(self, rand_seed: int | None) -> Any:
+    def _make_gym3(self, rand_seed: int | None) -> procgen.ProcgenGym3Env:
         import procgen  # importing procgen also imports the legacy `gym` (it registers ids there); keep it lazy
 
         lv = self.levels
@@ -160,6 +164,9 @@ class ProcgenVectorEnv(VectorEnv):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if options:
+            raise NotImplementedError(f"ProcgenVectorEnv.reset takes no options (got {sorted(options)}): "
+                                      "gym3 cannot reset individual envs.")
         super().reset(seed=seed)  # seeds self.np_random
         # gym3 cannot restart episodes, so a reset rebuilds the env. An unseeded reset draws the new seed from
         # np_random: reproducible after one seeded reset, yet it never replays the episodes already played.
@@ -194,6 +201,8 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, *, num_levels: int = 
     validate_env(env_id, distribution_mode)
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
+    if clip_reward is not None and clip_reward <= 0:
+        raise ValueError(f"clip_reward must be > 0 (or None to disable clipping), got {clip_reward}.")
     if is_procgen(env_id):
         env: VectorEnv = ProcgenVectorEnv(env_id, num_envs, num_levels=num_levels, start_level=start_level,
                                           distribution_mode=distribution_mode, rand_seed=seed)

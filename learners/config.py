@@ -200,7 +200,7 @@ PRESETS: dict[str, dict] = {
                   num_envs=64, num_steps=256, num_minibatches=8, update_epochs=3, learning_rate=5e-4, gamma=0.999,
                   gae_lambda=0.95, alpha=1.0, eval_episodes=10, eval_every=1, checkpoint_every=50),
     # A few tiny Procgen iterations: finishes within 3 minutes on 2 CPU cores.
-    "smoke": dict(env_id="coinrun", distribution_mode="hard", total_steps=1024, num_envs=8, num_steps=64,
+    "smoke": dict(env_id="coinrun", distribution_mode="hard", total_steps=2048, num_envs=8, num_steps=64,
                   num_minibatches=2, update_epochs=1, eval_episodes=4, eval_every=1, eval_max_episode_steps=200,
                   checkpoint_every=1, actor_cpus=0.5, learner_cpus=0.5),
     # Vector-observation env that checks the learning math through the whole pipeline in about a minute.

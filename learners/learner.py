@@ -254,8 +254,8 @@ class Learner:
         kept: list[torch.Tensor] = []
         for obs in chunks:
             if obs.shape[1:] != self.obs_shape or obs.dtype != np.dtype(self.obs_dtype):
-                raise SyncError(f"observations of shape {obs.shape[1:]} {obs.dtype}, expected {self.obs_shape} "
-                                f"{self.obs_dtype}")
+                raise ValueError(f"observations of shape {obs.shape[1:]} {obs.dtype}, expected {self.obs_shape} "
+                                 f"{self.obs_dtype}")
             x = torch.from_numpy(obs).to(self.device)
             if keep_graph:
                 logits = self.agent.logits(x)

@@ -1,0 +1,37 @@
+# Set-up is part of every target, so each one works on a fresh clone and is idempotent.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup system-deps smoke test test-fast protos clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard protos/*.proto)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+# System packages the tests use: a real Prometheus (promtool) and docker-compose to validate the compose file.
+system-deps:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker-compose >/dev/null; \
+	fi
+
+# The main job: a short Procgen training on an embedded local Ray.
+smoke: setup
+	$(VENV)/bin/mdpo train --preset smoke
+
+test: setup system-deps
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+# Regenerate the gRPC stubs by hand (the build does this too).
+protos: setup
+	$(PY) -c "from setup import compile_protos; compile_protos()"
+
+clean:
+	rm -rf $(VENV) build *.egg-info protos/*_pb2*.py protos/*_pb2.pyi

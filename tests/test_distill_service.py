@@ -1,0 +1,121 @@
+"""The learner's gRPC service with real servers on 127.0.0.1."""
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from learners.config import TrainConfig
+from learners.distill_service import MAX_MESSAGE_BYTES, PeerClient, to_ndarray
+from learners.learner import SyncPoint
+from learners.schedule import IterationPlan
+from protos import distill_pb2 as pb
+from protos import distill_pb2_grpc as pb_grpc
+from tests.helpers import LearnerPair, synthetic_rollout
+
+IMAGE = ((64, 64, 3), "uint8", 15)
+
+
+@pytest.fixture
+def image_pair():
+    cfg = TrainConfig(env_id="coinrun", num_envs=4, num_steps=4, num_minibatches=2, update_epochs=1,
+                      rpc_timeout_s=30, sync_timeout_s=2)
+    pair = LearnerPair(cfg, *IMAGE)
+    yield pair
+    pair.close()
+
+
+def test_logits_over_grpc_equal_local_forward_even_beyond_message_limit(image_pair):
+    server = image_pair.learners[1]
+    client = image_pair.learners[0].peers[0]
+    obs = np.random.default_rng(0).integers(0, 256, (800, 64, 64, 3), dtype=np.uint8)
+    assert obs.nbytes > MAX_MESSAGE_BYTES           # must be chunked to get through
+    logits, sent, received = client.fetch_logits(SyncPoint(0, 0, 0, 0), obs, keep_graph=False)
+    with torch.no_grad():
+        expected = server.agent.logits(torch.from_numpy(obs)).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    assert sent > obs.nbytes and received > logits.nbytes
+
+
+def _call(pair, msgs):
+    channel = grpc.insecure_channel(f"127.0.0.1:{pair.ports[1]}")
+    try:
+        return list(pb_grpc.DistillStub(channel).PeerLogits(iter(msgs), timeout=10))
+    finally:
+        channel.close()
+
+
+def _chunk(obs, peer_id=0, step=0, index=0):
+    return pb.ObsChunk(sync=pb.SyncPoint(peer_id=peer_id, step=step), chunk_index=index, num_chunks=1,
+                       obs=to_ndarray(obs))
+
+
+GOOD = np.zeros((2, 64, 64, 3), np.uint8)
+
+
+@pytest.mark.parametrize("msg,code", [
+    (_chunk(GOOD.astype(np.float32)), grpc.StatusCode.INVALID_ARGUMENT),               # wrong dtype
+    (_chunk(np.zeros((2, 32, 32, 3), np.uint8)), grpc.StatusCode.INVALID_ARGUMENT),     # wrong shape
+    (pb.ObsChunk(sync=pb.SyncPoint(peer_id=0), obs=pb.NDArray(dtype="uint8", shape=[5, 64, 64, 3], data=b"xx")),
+     grpc.StatusCode.INVALID_ARGUMENT),                                                  # bytes do not fit shape
+    (pb.ObsChunk(sync=pb.SyncPoint(peer_id=0), obs=pb.NDArray(dtype="object", shape=[1], data=b"x")),
+     grpc.StatusCode.INVALID_ARGUMENT),                                                  # dtype not allowed
+    (_chunk(GOOD, peer_id=7), grpc.StatusCode.FAILED_PRECONDITION),                     # unknown peer
+    (_chunk(GOOD, peer_id=1), grpc.StatusCode.FAILED_PRECONDITION),                     # itself
+    (_chunk(GOOD, step=5), grpc.StatusCode.FAILED_PRECONDITION),                        # a step it never reaches
+    (_chunk(GOOD, index=3), grpc.StatusCode.INVALID_ARGUMENT),                          # chunk out of order
+])
+def test_malformed_requests_are_rejected_and_the_server_stays_up(image_pair, msg, code):
+    with pytest.raises(grpc.RpcError) as err:
+        _call(image_pair, [msg])
+    assert err.value.code() == code, err.value.details()
+    assert len(_call(image_pair, [_chunk(GOOD)])) == 1      # still serving
+
+
+def test_gradient_without_kept_logits_is_rejected(image_pair):
+    client = image_pair.learners[0].peers[0]
+    with pytest.raises(grpc.RpcError) as err:
+        client.send_grad(SyncPoint(0, 0, 0, 0), np.zeros((2, 15), np.float32))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize("sync,expected_syncs,expected_staleness", [
+    ("minibatch", 4, 0), ("epoch", 2, 1), ("iteration", 1, 3), ("2", 2, 1)])
+def test_detached_schedules_sync_counts_and_staleness(sync, expected_syncs, expected_staleness):
+    cfg = TrainConfig(env_id="CartPole-v1", num_envs=4, num_steps=8, num_minibatches=2, update_epochs=2,
+                      sync=sync, rpc_timeout_s=30, sync_timeout_s=30)
+    plan = IterationPlan(0, 3, cfg.batch_size, 2, 2, sync, True, 1e-3)
+    pair = LearnerPair(cfg, (4,), "float32", 2)
+    try:
+        stats = pair.update_all([synthetic_rollout(i, (4,), "float32", 2, 8, 4, i) for i in range(2)], plan)
+        for s in stats:
+            assert s["syncs"] == expected_syncs
+            assert s["staleness_max"] == expected_staleness
+            assert s["kl_peer"] > 0 and s["sync_bytes_sent"] > 0
+    finally:
+        pair.close()
+
+
+def test_three_learners_each_distill_toward_every_peer():
+    cfg = TrainConfig(env_id="CartPole-v1", num_learners=3, num_envs=4, num_steps=8, num_minibatches=2,
+                      update_epochs=1, rpc_timeout_s=30, sync_timeout_s=30)
+    plan = IterationPlan(0, 3, cfg.batch_size, 2, 1, "minibatch", True, 1e-3)
+    pair = LearnerPair(cfg, (4,), "float32", 2)
+    try:
+        stats = pair.update_all([synthetic_rollout(i, (4,), "float32", 2, 8, 4, i) for i in range(3)], plan)
+        assert [s["syncs"] for s in stats] == [2, 2, 2]
+        assert all(len(l.peers) == 2 for l in pair.learners)
+        assert all(s["step"] == 2 for s in stats)
+    finally:
+        pair.close()
+
+
+def test_alpha_zero_sends_nothing():
+    cfg = TrainConfig(env_id="CartPole-v1", alpha=0.0, num_envs=4, num_steps=8, num_minibatches=2, update_epochs=1)
+    plan = IterationPlan(0, 3, cfg.batch_size, 2, 1, "minibatch", cfg.distilling, 1e-3)
+    pair = LearnerPair(cfg, (4,), "float32", 2)
+    try:
+        stats = pair.update_all([synthetic_rollout(i, (4,), "float32", 2, 8, 4, i) for i in range(2)], plan)
+        assert all(s["syncs"] == 0 and s["sync_bytes_sent"] == 0 and s["kl_peer"] == 0 for s in stats)
+    finally:
+        pair.close()

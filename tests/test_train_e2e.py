@@ -1,0 +1,71 @@
+"""End to end through the CLI: Ray actors, both learners, gRPC and the coordinator (embedded local Ray)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def mdpo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "learners.cli", *args, "--progress", "false"],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cartpole_mutual_distillation_learns(tmp_path):
+    run = tmp_path / "cartpole"
+    mdpo("train", "--preset", "cartpole", "--run-dir", str(run))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["alpha"] == 1.0 and summary["distill_mode"] == "detached"
+    assert summary["syncs"] > 0 and summary["sync_bytes_sent"] > 0
+    for learner in summary["learners"]:
+        assert learner["device"] == "cpu"
+        assert learner["final_train_return"] >= 450, summary
+        assert learner["final_test_return"] is not None
+    log = records(run)
+    assert [r["iteration"] for r in log] == list(range(1, summary["iterations"] + 1))
+    assert all(l["kl_peer"] > 0 for r in log for l in r["learners"])
+
+
+def test_procgen_smoke_writes_run_directory(tmp_path):
+    run = tmp_path / "smoke"
+    out = mdpo("train", "--preset", "smoke", "--run-dir", str(run)).stdout
+    assert "done:" in out
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("env_steps", "wall_seconds", "env_steps_per_second", "iterations", "syncs", "sync_seconds_total",
+                "distill_mode", "alpha"):
+        assert key in summary
+    assert summary["env_steps"]["per_agent"] == [2048, 2048] and summary["env_steps"]["total"] == 4096
+    assert summary["iterations"] == 4 and summary["syncs"] > 0
+    for learner in summary["learners"]:
+        assert {"id", "device", "final_train_return", "final_test_return"} <= set(learner)
+        assert learner["final_test_return"] is not None
+    png = (run / "returns.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "ckpt-000004"
+    assert json.loads((run / "config.json").read_text())["env_id"] == "coinrun"
+
+
+def test_resume_continues_to_the_requested_total_and_alpha_zero_is_independent_ppo(tmp_path):
+    run = tmp_path / "resume"
+    common = ("--preset", "cartpole", "--alpha", "0", "--eval-every", "0", "--checkpoint-every", "2")
+    mdpo("train", *common, "--total-steps", "3072", "--run-dir", str(run))          # 3 iterations of 1024
+    first = json.loads((run / "summary.json").read_text())
+    assert first["iterations"] == 3 and first["syncs"] == 0 and first["sync_bytes_sent"] == 0
+    mdpo("train", "--resume", str(run), "--total-steps", "6144")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["iterations"] == 6
+    assert summary["env_steps"]["per_agent"] == [6144, 6144]
+    log = records(run)
+    assert [r["iteration"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["env_steps"] for r in log] == [1024 * i for i in range(1, 7)]
+    assert log[3]["learners"][0]["step"] == 4 * 16       # optimizer steps continue from the checkpoint
