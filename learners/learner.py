@@ -236,10 +236,18 @@ class Learner:
                             f"gradients {self._grads_in[step]}/{need}); is a peer down?")
 
     # ----------------------------------------------------------- peer side
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.cfg.update_epochs * self.cfg.num_minibatches
+
     def _check_sync(self, sync: SyncPoint) -> None:
         if sync.peer_id not in self.peer_ids:
             raise SyncError(f"learner {self.id}: unknown peer id {sync.peer_id} (peers: {sorted(self.peer_ids)})")
+        if sync.step < 0 or sync.step // self.steps_per_iteration != sync.iteration:
+            raise SyncError(f"learner {self.id}: step {sync.step} does not belong to iteration {sync.iteration}")
         with self._cond:
+            if sync.step > self.step + self.steps_per_iteration:
+                raise SyncError(f"learner {self.id}: unknown weight version {sync.step} (at step {self.step})")
             self._cond.wait_for(lambda: self.step >= sync.step, timeout=self.cfg.sync_timeout_s)
             if self.step != sync.step:
                 raise SyncError(f"learner {self.id}: sync for step {sync.step} but this learner is at step {self.step}")
@@ -252,10 +260,16 @@ class Learner:
         """
         self._check_sync(sync)
         kept: list[torch.Tensor] = []
+        rows = 0
         for obs in chunks:
             if obs.shape[1:] != self.obs_shape or obs.dtype != np.dtype(self.obs_dtype):
                 raise ValueError(f"observations of shape {obs.shape[1:]} {obs.dtype}, expected {self.obs_shape} "
                                  f"{self.obs_dtype}")
+            rows += len(obs)
+            if rows > self.cfg.batch_size:
+                raise ValueError(f"oversized request: more than one batch ({self.cfg.batch_size} states)")
+            if obs.dtype.kind == "f" and not np.isfinite(obs).all():
+                raise ValueError("observations contain NaN or inf")
             x = torch.from_numpy(obs).to(self.device)
             if keep_graph:
                 logits = self.agent.logits(x)

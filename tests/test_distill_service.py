@@ -18,7 +18,7 @@ IMAGE = ((64, 64, 3), "uint8", 15)
 
 @pytest.fixture
 def image_pair():
-    cfg = TrainConfig(env_id="coinrun", num_envs=4, num_steps=4, num_minibatches=2, update_epochs=1,
+    cfg = TrainConfig(env_id="coinrun", num_envs=16, num_steps=64, num_minibatches=2, update_epochs=1,
                       rpc_timeout_s=30, sync_timeout_s=2)
     pair = LearnerPair(cfg, *IMAGE)
     yield pair
@@ -62,7 +62,10 @@ GOOD = np.zeros((2, 64, 64, 3), np.uint8)
      grpc.StatusCode.INVALID_ARGUMENT),                                                  # dtype not allowed
     (_chunk(GOOD, peer_id=7), grpc.StatusCode.FAILED_PRECONDITION),                     # unknown peer
     (_chunk(GOOD, peer_id=1), grpc.StatusCode.FAILED_PRECONDITION),                     # itself
-    (_chunk(GOOD, step=5), grpc.StatusCode.FAILED_PRECONDITION),                        # a step it never reaches
+    (_chunk(GOOD, step=5), grpc.StatusCode.FAILED_PRECONDITION),                        # step not in iteration 0
+    (pb.ObsChunk(sync=pb.SyncPoint(peer_id=0, iteration=40, step=80), obs=to_ndarray(GOOD)),
+     grpc.StatusCode.FAILED_PRECONDITION),                                               # unknown weight version
+    (_chunk(np.zeros((700, 64, 64, 3), np.uint8)), grpc.StatusCode.RESOURCE_EXHAUSTED), # message > gRPC's limit
     (_chunk(GOOD, index=3), grpc.StatusCode.INVALID_ARGUMENT),                          # chunk out of order
 ])
 def test_malformed_requests_are_rejected_and_the_server_stays_up(image_pair, msg, code):
@@ -70,6 +73,13 @@ def test_malformed_requests_are_rejected_and_the_server_stays_up(image_pair, msg
         _call(image_pair, [msg])
     assert err.value.code() == code, err.value.details()
     assert len(_call(image_pair, [_chunk(GOOD)])) == 1      # still serving
+
+
+def test_stream_larger_than_one_batch_is_rejected(image_pair):
+    chunks = [_chunk(np.zeros((128, 64, 64, 3), np.uint8), index=i) for i in range(9)]   # 1152 > 1024 states
+    with pytest.raises(grpc.RpcError) as err:
+        _call(image_pair, chunks)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "oversized" in err.value.details()
 
 
 def test_gradient_without_kept_logits_is_rejected(image_pair):
