@@ -81,6 +81,16 @@ class TrainConfig:
     """Address learners bind their gRPC servers to (loopback by default; 0.0.0.0 on multi-node clusters)."""
     grpc_port: int = 0
     """Base port (learner i uses base+i); 0 picks free ports."""
+    grpc_tls_cert: str = ""
+    """PEM certificate of the learners' gRPC servers (enables TLS; with --grpc-mtls also their client certificate)."""
+    grpc_tls_key: str = ""
+    """PEM private key for --grpc-tls-cert."""
+    grpc_tls_ca: str = ""
+    """PEM CA bundle that peers use to verify the server certificate (and, with --grpc-mtls, the server verifies clients)."""
+    grpc_mtls: bool = False
+    """Mutual TLS: learners also present --grpc-tls-cert as client certificate and require the peer's."""
+    grpc_token_env: str = "MDPO_GRPC_TOKEN"
+    """Name of the environment variable holding an optional shared token checked on every gRPC call (never stored)."""
     rpc_timeout_s: float = 60.0
     """Deadline of every gRPC call."""
     sync_timeout_s: float = 300.0
@@ -162,6 +172,14 @@ class TrainConfig:
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if not 0 <= self.grpc_port <= 65535 - self.num_learners:
             raise ConfigError(f"--grpc-port must be 0 (pick free ports) or a base port <= {65535 - self.num_learners}")
+        tls = [self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_ca]
+        if any(tls) and not all(tls):
+            raise ConfigError("TLS needs all of --grpc-tls-cert, --grpc-tls-key and --grpc-tls-ca")
+        if self.grpc_mtls and not all(tls):
+            raise ConfigError("--grpc-mtls needs --grpc-tls-cert, --grpc-tls-key and --grpc-tls-ca")
+        for path in filter(None, tls):
+            if not Path(path).is_file():
+                raise ConfigError(f"TLS file {path} does not exist (check --grpc-tls-cert/--grpc-tls-key/--grpc-tls-ca)")
         from actors.envs import validate_env  # deferred: pulls in gymnasium and procgen
 
         try:

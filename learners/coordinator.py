@@ -81,7 +81,8 @@ class Coordinator:
             learner_opts["resources"] = {"learner": 1}
         log.info("placing learners with %s", learner_opts)
         remote_learner = ray.remote(LearnerWorker)
-        self.learners = [remote_learner.options(**learner_opts).remote(cfg, i, obs_shape, obs_dtype, num_actions)
+        token = os.environ.get(cfg.grpc_token_env) or None     # read here, handed over, never stored
+        self.learners = [remote_learner.options(**learner_opts).remote(cfg, i, obs_shape, obs_dtype, num_actions, token)
                          for i in range(cfg.num_learners)]
         self.learner_info = ray.get([l.info.remote() for l in self.learners])
         addresses = {info["id"]: info["address"] for info in self.learner_info}

@@ -5,7 +5,11 @@ Streams keep every message under `MAX_MESSAGE_BYTES`; every call carries a deadl
 
 from __future__ import annotations
 
+import hmac
+import os
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -20,6 +24,58 @@ CHUNK_BYTES = 2 << 20                 # payload per streamed message
 MAX_MESSAGE_BYTES = 8 << 20           # accepted per message (payload + headers), on both sides
 SERVICE_NAME = "mdpo.v1.Distill"
 ALLOWED_DTYPES = {"uint8", "float32", "float64", "int64"}
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """TLS material and shared token for the learners' channel; all optional (loopback default needs none)."""
+
+    cert: bytes | None = None
+    key: bytes | None = None
+    ca: bytes | None = None
+    mtls: bool = False
+    token: str | None = None
+
+    def __repr__(self) -> str:   # never print key material or the token
+        return f"ChannelSecurity(tls={self.cert is not None}, mtls={self.mtls}, token={'set' if self.token else 'unset'})"
+
+    @classmethod
+    def from_config(cls, cfg, token: str | None = None) -> "ChannelSecurity":
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return cls(read(cfg.grpc_tls_cert), read(cfg.grpc_tls_key), read(cfg.grpc_tls_ca), cfg.grpc_mtls,
+                   token if token is not None else (os.environ.get(cfg.grpc_token_env) or None))
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Rejects every call whose `authorization` metadata is not the shared token."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        given = dict(handler_call_details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+
+        if handler is None:
+            return None
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
 
 
 def to_ndarray(array: np.ndarray) -> pb.NDArray:
@@ -101,15 +157,24 @@ def _chain(first, rest):
     yield from rest
 
 
-def serve(learner: Learner, host: str, port: int, max_workers: int = 8) -> tuple[grpc.Server, int]:
+def serve(learner: Learner, host: str, port: int, security: ChannelSecurity = ChannelSecurity(),
+          max_workers: int = 8) -> tuple[grpc.Server, int]:
     """Start the learner's gRPC server (plus the standard health service); returns (server, bound port)."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+    interceptors = [TokenInterceptor(security.token)] if security.token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                         interceptors=interceptors)
     pb_grpc.add_DistillServicer_to_server(DistillServicer(learner), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if security.cert:
+        credentials = grpc.ssl_server_credentials([(security.key, security.cert)],
+                                                  root_certificates=security.ca if security.mtls else None,
+                                                  require_client_auth=security.mtls)
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"learner {learner.id}: cannot bind gRPC server to {host}:{port} (port in use?)")
     server.start()
@@ -121,17 +186,25 @@ def serve(learner: Learner, host: str, port: int, max_workers: int = 8) -> tuple
 class PeerClient:
     """A learner's connection to one peer learner's Distill service."""
 
-    def __init__(self, peer_id: int, my_id: int, address: str, timeout_s: float):
+    def __init__(self, peer_id: int, my_id: int, address: str, timeout_s: float,
+                 security: ChannelSecurity = ChannelSecurity()):
         self.peer_id, self.my_id, self.address, self.timeout_s = peer_id, my_id, address, timeout_s
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self.metadata = security.metadata
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if security.cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=security.ca, private_key=security.key if security.mtls else None,
+                certificate_chain=security.cert if security.mtls else None)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.DistillStub(self.channel)
 
     def wait_ready(self, timeout_s: float) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
         status = health_pb2_grpc.HealthStub(self.channel).Check(
-            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s).status
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, metadata=self.metadata).status
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise ConnectionError(f"peer {self.peer_id} at {self.address} is not serving (status {status})")
 
@@ -149,7 +222,7 @@ class PeerClient:
                 yield msg
 
         chunks, received = [], 0
-        for reply in self.stub.PeerLogits(requests(), timeout=self.timeout_s):
+        for reply in self.stub.PeerLogits(requests(), timeout=self.timeout_s, metadata=self.metadata):
             received += reply.ByteSize()
             chunks.append(from_ndarray(reply.logits))
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32), sent, received
@@ -160,7 +233,7 @@ class PeerClient:
         msgs = [pb.GradChunk(sync=_sync_msg(sync), chunk_index=i, num_chunks=-(-len(grad) // rows),
                              grad=to_ndarray(grad[start:start + rows]))
                 for i, start in enumerate(range(0, len(grad), rows))]
-        self.stub.PeerGrad(iter(msgs), timeout=self.timeout_s)
+        self.stub.PeerGrad(iter(msgs), timeout=self.timeout_s, metadata=self.metadata)
         return sum(m.ByteSize() for m in msgs)
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ import torch
 from learners.batch import Rollout, Weights
 from learners.checkpoint import tensors_from_bytes, tensors_to_bytes
 from learners.config import TrainConfig
-from learners.distill_service import PeerClient, serve
+from learners.distill_service import ChannelSecurity, PeerClient, serve
 from learners.learner import Learner
 from learners.schedule import IterationPlan
 
@@ -23,13 +23,16 @@ def resolve_device(requested: str) -> str:
 
 
 class LearnerWorker:
-    def __init__(self, cfg: TrainConfig, learner_id: int, obs_shape: tuple[int, ...], obs_dtype: str, num_actions: int):
+    def __init__(self, cfg: TrainConfig, learner_id: int, obs_shape: tuple[int, ...], obs_dtype: str, num_actions: int,
+                 token: str | None = None):
         torch.set_num_threads(cfg.learner_threads or max(1, int(cfg.learner_cpus)))
         self.cfg, self.id = cfg, learner_id
         self.device = resolve_device(cfg.device)
         self.learner = Learner(cfg, learner_id, obs_shape, obs_dtype, num_actions, self.device)
         port = cfg.grpc_port + learner_id if cfg.grpc_port else 0
-        self.server, self.port = serve(self.learner, cfg.grpc_host, port)
+        # The token comes as an argument, not in cfg, so it never lands in config.json or a log.
+        self.security = ChannelSecurity.from_config(cfg, token)
+        self.server, self.port = serve(self.learner, cfg.grpc_host, port, self.security)
         self.clients: list[PeerClient] = []
 
     def address(self) -> str:
@@ -44,7 +47,7 @@ class LearnerWorker:
                 "address": self.address()}
 
     def connect(self, addresses: dict[int, str]) -> None:
-        self.clients = [PeerClient(pid, self.id, addr, self.cfg.rpc_timeout_s)
+        self.clients = [PeerClient(pid, self.id, addr, self.cfg.rpc_timeout_s, self.security)
                         for pid, addr in sorted(addresses.items()) if pid != self.id]
         for client in self.clients:
             client.wait_ready(self.cfg.rpc_timeout_s)

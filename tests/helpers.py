@@ -8,7 +8,7 @@ import numpy as np
 
 from learners.batch import Rollout
 from learners.config import TrainConfig
-from learners.distill_service import PeerClient, serve
+from learners.distill_service import ChannelSecurity, PeerClient, serve
 from learners.learner import Learner
 
 
@@ -32,16 +32,17 @@ def synthetic_rollout(learner_id: int, obs_shape, obs_dtype, num_actions: int, n
 class LearnerPair:
     """N learners with real gRPC servers on 127.0.0.1, wired to each other, in this process."""
 
-    def __init__(self, cfg: TrainConfig, obs_shape, obs_dtype, num_actions: int):
+    def __init__(self, cfg: TrainConfig, obs_shape, obs_dtype, num_actions: int, security=None):
+        security = security or ChannelSecurity()
         self.learners = [Learner(cfg, i, obs_shape, obs_dtype, num_actions) for i in range(cfg.num_learners)]
         self.servers, self.ports = [], []
         for learner in self.learners:
-            server, port = serve(learner, "127.0.0.1", 0)
+            server, port = serve(learner, "127.0.0.1", 0, security)
             self.servers.append(server)
             self.ports.append(port)
         self.clients = []
         for learner in self.learners:
-            peers = [PeerClient(p, learner.id, f"127.0.0.1:{self.ports[p]}", cfg.rpc_timeout_s)
+            peers = [PeerClient(p, learner.id, f"127.0.0.1:{self.ports[p]}", cfg.rpc_timeout_s, security)
                      for p in range(cfg.num_learners) if p != learner.id]
             for c in peers:
                 c.wait_ready(10)
@@ -73,3 +74,42 @@ class LearnerPair:
             s.stop(None)
         for learner in self.learners:
             learner.close()
+
+
+def make_certificates(directory, hosts=("127.0.0.1", "localhost")):
+    """A throwaway CA plus a certificate (server and client use) signed by it, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("mdpo test CA")).issuer_name(name("mdpo test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(validity[0]).not_valid_after(validity[1])
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans = [x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
+    cert = (x509.CertificateBuilder().subject_name(name("mdpo learner")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(validity[0]).not_valid_after(validity[1])
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = {n: directory / f"{n}.pem" for n in ("ca", "cert", "key")}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return paths
