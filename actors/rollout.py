@@ -6,6 +6,7 @@ in process.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -90,7 +91,7 @@ class RolloutWorker:
         self.env_steps += T * N
         return Rollout(self.learner_id, self.actor_id, self.version, obs_buf, actions, logprobs, values, rewards,
                        dones, next_value, np.asarray(ep_returns, np.float32), np.asarray(ep_lengths, np.int64),
-                       time.perf_counter() - t0, infer)
+                       time.perf_counter() - t0, infer, os.getpid(), self.get_state())
 
     def get_state(self) -> dict:
         """What a checkpoint needs to continue this actor: reward-normaliser statistics."""

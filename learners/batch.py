@@ -45,6 +45,8 @@ class Rollout:
     episode_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     collect_seconds: float = 0.0
     inference_seconds: float = 0.0
+    actor_pid: int = 0                   # a new pid for the same actor means Ray restarted it
+    actor_state: dict = field(default_factory=dict)   # reward-normaliser statistics after this rollout
 
     @property
     def env_steps(self) -> int:

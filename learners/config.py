@@ -95,6 +95,10 @@ class TrainConfig:
     """Deadline of every gRPC call."""
     sync_timeout_s: float = 300.0
     """How long a learner waits for its peers at a sync point before failing."""
+    max_failures: int = 3
+    """Learner/actor failures the run survives by restarting from the latest checkpoint before giving up."""
+    actor_max_restarts: int = 3
+    """Times Ray restarts a killed rollout actor (its lost rollout is collected again)."""
     checkpoint_every: int = 10
     """Checkpoint every this many iterations (and always at the end)."""
     keep_checkpoints: int = 3
@@ -147,7 +151,8 @@ class TrainConfig:
                      "max_grad_norm", "clip_coef", "clip_reward"]:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ["eval_every", "eval_max_episode_steps", "learner_threads", "ent_coef", "vf_coef"]:
+        for name in ["eval_every", "eval_max_episode_steps", "learner_threads", "ent_coef", "vf_coef", "max_failures",
+                     "actor_max_restarts"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:

@@ -19,6 +19,7 @@ import ray
 from actors.rollout import Evaluator, RolloutWorker, env_spec
 from learners.checkpoint import latest_checkpoint, save_checkpoint
 from learners.config import TrainConfig
+from learners.learner import NonFiniteError
 from learners.learner_worker import LearnerWorker
 from learners.plots import plot_returns
 from learners.schedule import IterationPlan
@@ -28,6 +29,19 @@ log = logging.getLogger("mdpo")
 
 class RunStopped(Exception):
     """SIGINT/SIGTERM arrived; a final checkpoint was written."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or logits went non-finite; the run stops and keeps its last good checkpoint."""
+
+
+def wait_all(refs: list) -> list:
+    """ray.get that fails as soon as any task fails (a dead learner must not leave us waiting on its peer)."""
+    pending, done = list(refs), {}
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        done[ready[0]] = ray.get(ready[0])
+    return [done[r] for r in refs]
 
 
 def connect_ray(cfg: TrainConfig) -> None:
@@ -65,6 +79,10 @@ class Coordinator:
         self.wall_offset = 0.0
         self.stop_signal: int | None = None
         self.learner_info: list[dict] = []
+        self.failures = 0
+        self.actor_restarts = [0] * cfg.num_learners
+        self.actor_pids: list[list] = [[None] * cfg.num_actors for _ in range(cfg.num_learners)]
+        self.actor_states: list[list] = [[{}] * cfg.num_actors for _ in range(cfg.num_learners)]
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -80,24 +98,39 @@ class Coordinator:
         if resources.get("learner", 0) >= cfg.num_learners:   # compose/KubeRay nodes advertise a learner slot
             learner_opts["resources"] = {"learner": 1}
         log.info("placing learners with %s", learner_opts)
-        remote_learner = ray.remote(LearnerWorker)
-        token = os.environ.get(cfg.grpc_token_env) or None     # read here, handed over, never stored
-        self.learners = [remote_learner.options(**learner_opts).remote(cfg, i, obs_shape, obs_dtype, num_actions, token)
-                         for i in range(cfg.num_learners)]
-        self.learner_info = ray.get([l.info.remote() for l in self.learners])
-        addresses = {info["id"]: info["address"] for info in self.learner_info}
-        if cfg.distilling:
-            ray.get([l.connect.remote(addresses) for l in self.learners])
-        remote_actor = ray.remote(RolloutWorker).options(num_cpus=cfg.actor_cpus, max_restarts=3, max_task_retries=3)
-        self.actors = [[remote_actor.remote(cfg, i, a, self._actor_seed(i, a)) for a in range(cfg.num_actors)]
-                       for i in range(cfg.num_learners)]
+        self._learner_args = (learner_opts, obs_shape, obs_dtype, num_actions)
+        self._start_learners()
+        # A killed actor is restarted by Ray and its in-flight `collect` retried, so the lost rollout is
+        # collected again; only rollouts that reach a learner are counted.
+        self._remote_actor = ray.remote(RolloutWorker).options(
+            num_cpus=cfg.actor_cpus, max_restarts=cfg.actor_max_restarts, max_task_retries=cfg.actor_max_restarts)
+        self.actors = [[self._new_actor(i, a) for a in range(cfg.num_actors)] for i in range(cfg.num_learners)]
         if cfg.eval_every:
-            remote_eval = ray.remote(Evaluator).options(num_cpus=0)
-            self.evaluators = [remote_eval.remote(cfg, i, self._eval_seed(i)) for i in range(cfg.num_learners)]
+            self.evaluators = [self._new_evaluator(i) for i in range(cfg.num_learners)]
         if self.resume:
             self._restore()
-        elif self.metrics_path.exists():
-            self.metrics_path.unlink()
+        else:
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+            self.checkpoint(0.0)    # iteration 0: every failure has a checkpoint to roll back to
+
+    def _start_learners(self) -> None:
+        learner_opts, obs_shape, obs_dtype, num_actions = self._learner_args
+        token = os.environ.get(self.cfg.grpc_token_env) or None     # read here, handed over, never stored
+        # max_concurrency 2: control calls (state, stop) are not stuck behind a blocked update
+        remote_learner = ray.remote(LearnerWorker).options(**learner_opts, max_concurrency=2)
+        self.learners = [remote_learner.remote(self.cfg, i, obs_shape, obs_dtype, num_actions, token)
+                         for i in range(self.cfg.num_learners)]
+        self.learner_info = ray.get([l.info.remote() for l in self.learners])
+        addresses = {info["id"]: info["address"] for info in self.learner_info}
+        if self.cfg.distilling:
+            ray.get([l.connect.remote(addresses) for l in self.learners])
+
+    def _new_actor(self, learner: int, actor: int):
+        return self._remote_actor.remote(self.cfg, learner, actor, self._actor_seed(learner, actor))
+
+    def _new_evaluator(self, learner: int):
+        return ray.remote(Evaluator).options(num_cpus=0).remote(self.cfg, learner, self._eval_seed(learner))
 
     def _actor_seed(self, learner: int, actor: int) -> int:
         # Shifted by the iteration so a resumed run does not replay the same episodes.
@@ -125,7 +158,11 @@ class Coordinator:
             signal.signal(sig, self._on_signal)
         try:
             while self.iteration < cfg.num_iterations and self.stop_signal is None:
-                record = self._iteration()
+                try:
+                    record = self._iteration()
+                except ray.exceptions.RayError as err:
+                    self._recover(err)
+                    continue
                 record["wall_seconds"] = time.perf_counter() - t_start
                 record["env_steps_per_second"] = sum(self.env_steps) / record["wall_seconds"]
                 with self.metrics_path.open("a") as f:
@@ -160,8 +197,9 @@ class Coordinator:
                              distill=cfg.distilling, learning_rate=lr)
         weights = [l.weights.remote() for l in self.learners]
         rollouts = [[a.collect.remote(weights[i]) for a in self.actors[i]] for i in range(cfg.num_learners)]
-        stats = ray.get([l.update.remote(plan, *rollouts[i]) for i, l in enumerate(self.learners)])
+        stats = wait_all([l.update.remote(plan, *rollouts[i]) for i, l in enumerate(self.learners)])
         self.iteration = it + 1
+        self._track_actor_restarts(stats)
         for i, s in enumerate(stats):
             self.env_steps[i] += s["env_steps"]
             self.returns[i].extend(s["episode_returns"])
@@ -179,14 +217,56 @@ class Coordinator:
         for i, s in enumerate(stats):
             train = float(np.mean(self.returns[i])) if self.returns[i] else None
             test = self.last_eval[i]["test_return"] if self.last_eval[i] else None
-            entry = {k: v for k, v in s.items() if k not in ("episode_returns", "episode_lengths", "sync_latencies")}
-            entry.update(id=i, train_return=train, episodes=len(s["episode_returns"]), test_return=test,
+            entry = {k: v for k, v in s.items()
+                     if k not in ("episode_returns", "episode_lengths", "sync_latencies", "actor_pids", "actor_states")}
+            entry.update(id=i, actor_restarts=self.actor_restarts[i], train_return=train, episodes=len(s["episode_returns"]), test_return=test,
                          test_weights_version=self.last_eval[i]["weights_version"] if self.last_eval[i] else None,
                          generalization_gap=None if train is None or test is None else train - test,
                          sync_latency=summarize(s["sync_latencies"]))
             learners.append(entry)
         return {"iteration": self.iteration, "env_steps": self.env_steps[0], "env_steps_total": sum(self.env_steps),
                 "learners": learners}
+
+    # ------------------------------------------------------------ failures
+    def _recover(self, err: Exception) -> None:
+        """A learner or actor failed mid-iteration: restart the dead parts and roll the whole pair back to the
+        latest good checkpoint, so the iterations since are redone and nothing is counted twice."""
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, NonFiniteError):
+            raise TrainingDiverged(f"{cause}. The last good checkpoint is kept in {self.ckpt_dir}.") from None
+        self.failures += 1
+        log.error("iteration %d failed (%s: %s); failure %d of at most %d: restarting learners from the latest "
+                  "checkpoint", self.iteration + 1, type(err).__name__, str(err).splitlines()[0][:300],
+                  self.failures, self.cfg.max_failures)
+        if self.failures > self.cfg.max_failures:
+            raise RuntimeError(f"giving up after {self.failures} failures; last: {err}") from err
+        for learner in self.learners:
+            ray.kill(learner, no_restart=True)
+        self._start_learners()
+        for i, group in enumerate(self.actors):
+            for a, actor in enumerate(group):
+                try:
+                    ray.get(actor.ping.remote(), timeout=60)
+                except ray.exceptions.RayError:
+                    log.warning("rollout actor %d/%d is gone: starting a new one", i, a)
+                    group[a] = self._new_actor(i, a)
+        self.evals_in_flight.clear()
+        self._restore()
+
+    def _track_actor_restarts(self, stats: list[dict]) -> None:
+        """Ray restarted an actor (new pid): count it and give it back its reward-normaliser statistics."""
+        for i, s in enumerate(stats):
+            for a, (pid, state) in enumerate(zip(s["actor_pids"], s["actor_states"])):
+                known = self.actor_pids[i][a]
+                if known is not None and pid != known:
+                    self.actor_restarts[i] += 1
+                    log.warning("rollout actor %d/%d was restarted (pid %s -> %s); restarts so far: %d",
+                                i, a, known, pid, sum(self.actor_restarts))
+                    if self.actor_states[i][a]:
+                        self.actors[i][a].set_state.remote(self.actor_states[i][a])
+                else:
+                    self.actor_states[i][a] = state
+                self.actor_pids[i][a] = pid
 
     # ----------------------------------------------------------- evaluation
     def _launch_evals(self) -> None:
@@ -200,7 +280,11 @@ class Coordinator:
         ready, _ = ray.wait(list(self.evals_in_flight), num_returns=len(self.evals_in_flight), timeout=timeout)
         for ref in ready:
             i = self.evals_in_flight.pop(ref)
-            self.last_eval[i] = ray.get(ref)
+            try:
+                self.last_eval[i] = ray.get(ref)
+            except ray.exceptions.RayError as err:   # evaluation is best effort: replace the evaluator, go on
+                log.warning("evaluation of learner %d failed (%s); starting a new evaluator", i, type(err).__name__)
+                self.evaluators[i] = self._new_evaluator(i)
 
     def _final_eval(self) -> None:
         """The summary's test return is that of the final weights: wait for one last evaluation."""
@@ -216,7 +300,7 @@ class Coordinator:
         actor_states = [ray.get([a.get_state.remote() for a in group]) for group in self.actors]
         state = {"iteration": self.iteration, "env_steps": self.env_steps, "returns": [list(r) for r in self.returns],
                  "last_eval": self.last_eval, "sync_totals": self.sync_totals, "wall_seconds": wall_seconds,
-                 "actors": actor_states}
+                 "actors": actor_states, "actor_restarts": self.actor_restarts, "failures": self.failures}
         return save_checkpoint(self.ckpt_dir, self.iteration, learner_states, state, self.cfg.keep_checkpoints)
 
     def _restore(self) -> None:
@@ -229,11 +313,13 @@ class Coordinator:
         state = ckpt.state
         self.iteration = state["iteration"]
         self.env_steps = state["env_steps"]
-        for window, values in zip(self.returns, state["returns"]):
-            window.extend(values)
         self.last_eval = state["last_eval"]
         self.sync_totals = state["sync_totals"]
         self.wall_offset = state["wall_seconds"]
+        self.actor_restarts = state.get("actor_restarts", self.actor_restarts)
+        self.failures = max(self.failures, state.get("failures", 0))
+        self.returns = [deque(values, maxlen=self.cfg.return_window) for values in state["returns"]]
+        self.actor_states = state["actors"]
         ray.get([a.set_state.remote(s) for group, states in zip(self.actors, state["actors"])
                  for a, s in zip(group, states)])
         # Metrics past the checkpoint would be counted twice: keep only what the checkpoint covers.
@@ -260,6 +346,7 @@ class Coordinator:
             "sync_seconds_total": self.sync_totals["seconds"], "sync_bytes_sent": self.sync_totals["bytes_sent"],
             "sync_bytes_received": self.sync_totals["bytes_received"], "distill_mode": cfg.distill_mode,
             "alpha": cfg.alpha, "sync": cfg.sync, "completed": self.iteration >= cfg.num_iterations,
+            "actor_restarts": sum(self.actor_restarts), "failures_recovered": self.failures,
             "learners": [
                 {"id": i, "device": self.learner_info[i]["device"] if self.learner_info else "unknown",
                  "final_train_return": float(np.mean(self.returns[i])) if self.returns[i] else None,

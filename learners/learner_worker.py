@@ -64,6 +64,8 @@ class LearnerWorker:
         stats["collect_seconds"] = max(r.collect_seconds for r in rollouts)
         stats["inference_seconds"] = sum(r.inference_seconds for r in rollouts)
         stats["version_lag"] = max(self.learner.step - r.weights_version for r in rollouts)
+        stats["actor_pids"] = [r.actor_pid for r in rollouts]
+        stats["actor_states"] = [r.actor_state for r in rollouts]
         return stats
 
     def state(self) -> bytes:

@@ -1,0 +1,532 @@
+"""Prometheus metrics of every mdpo process: their definitions, the /metrics endpoints, the targets file.
+
+Each process owns one telemetry object for its role: `CoordinatorTelemetry` (the `mdpo train` driver),
+`LearnerTelemetry` (a LearnerWorker, including the distillation and gRPC metrics), `ActorTelemetry`
+(a RolloutWorker) and `EvaluatorTelemetry` (an Evaluator). Each has its own `CollectorRegistry`, so
+several runs in one process never collide, and serves it with prometheus_client's HTTP server. We use
+prometheus_client rather than Ray's metrics export: Ray's export needs its dashboard/metrics agent
+(the embedded local Ray runs without it), and one endpoint per process keeps the labels exact.
+
+Every metric is named `mdpo_<role>_...` (distillation: `mdpo_distill_...`, gRPC: `mdpo_grpc_...`), in
+base units, `_total` on counters, histograms for latencies, and carries the labels `run_id` and `role`
+(coordinator | learner | actor | evaluator), plus `learner_id` and `actor_id` where they apply.
+
+Ports, with base B = `--metrics-port`, L = `--num-learners`, A = `--num-actors` (per learner):
+    coordinator B, learner i B+1+i, evaluator i B+1+L+i, actor a of learner i B+1+2L+i*A+a.
+B = 0 binds free ports (tests, several runs on one machine); B = -1 turns the endpoints off. A fixed
+port that is taken falls back to a free one (with a warning). Whatever was bound, the coordinator
+writes every endpoint, with its labels, to a Prometheus file_sd targets file (`write_targets`):
+`RUN_DIR/prometheus_targets.json`, and `<run id>.json` in `--metrics-sd-dir` (default: `prometheus/`
+beside the run directory, e.g. `runs/prometheus/`), which deploy/prometheus/ scrapes. The latter is
+removed when the run ends cleanly (a crashed run's targets stay, so their `up == 0` alerts fire).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterable
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, Summary,
+                               disable_created_metrics, start_http_server)
+from prometheus_client.core import GaugeMetricFamily
+
+from learners.config import TrainConfig
+
+log = logging.getLogger("mdpo")
+disable_created_metrics()   # no `_created` companion series: half the series, nothing lost for rate()
+
+PREFIX = "mdpo"
+ROLES = ("coordinator", "learner", "actor", "evaluator")
+TARGETS_FILE = "prometheus_targets.json"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+LENGTH_BUCKETS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 27000)
+
+
+# ------------------------------------------------------------------------------------------ ports
+def metrics_port(cfg: TrainConfig, role: str, learner_id: int = 0, actor_id: int = 0) -> int:
+    """The port a process of `role` binds (0: any free port); see the module docstring for the scheme."""
+    base, L, A = cfg.metrics_port, cfg.num_learners, cfg.num_actors
+    if base <= 0:
+        return 0
+    offset = {"coordinator": 0, "learner": 1 + learner_id, "evaluator": 1 + L + learner_id,
+              "actor": 1 + 2 * L + learner_id * A + actor_id}[role]
+    return base + offset
+
+
+def ports_needed(cfg: TrainConfig) -> int:
+    return 1 + 2 * cfg.num_learners + cfg.num_learners * cfg.num_actors
+
+
+def run_id_of(cfg: TrainConfig, run_dir: Path | str) -> str:
+    return cfg.run_id or Path(run_dir).resolve().name or "run"
+
+
+def sd_dir(cfg: TrainConfig, run_dir: Path | str) -> Path:
+    """Where the shared file_sd file of this run goes (`--metrics-sd-dir`, default `prometheus/` beside RUN_DIR)."""
+    return Path(cfg.metrics_sd_dir) if cfg.metrics_sd_dir else Path(run_dir).resolve().parent / "prometheus"
+
+
+def advertised_host(host: str) -> str:
+    """The address other machines reach a server bound to `host` at."""
+    if host not in ("0.0.0.0", "::", ""):
+        return f"[{host}]" if ":" in host else host
+    try:
+        import ray
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray: fall through to the host name
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
+def _ray_actor_id() -> str | None:
+    try:
+        import ray
+        return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
+def restart_count() -> int:
+    """How many times Ray has restarted the current actor (0 in its first life or outside an actor)."""
+    try:
+        import ray
+        if not ray.is_initialized():
+            return 0
+        ctx = ray.get_runtime_context()
+        actor_id = ctx.get_actor_id()
+        if actor_id is None or not ctx.was_current_actor_reconstructed:
+            return 0
+    except Exception:
+        return 0
+    try:
+        from ray._private import state   # the GCS actor table; Ray's public state API needs the dashboard
+        return max(1, int(state.actors(actor_id)["NumRestarts"]))
+    except Exception:
+        return 1
+
+
+def actor_states(actor_ids: Iterable[str]) -> dict[str, str] | None:
+    """GCS state (ALIVE, RESTARTING, DEAD, ...) of each Ray actor id, or None when Ray cannot say."""
+    try:
+        import ray
+        from ray._private import state
+        if not ray.is_initialized():
+            return None
+        return {aid: str(state.actors(aid).get("State", "UNKNOWN")) for aid in actor_ids}
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------------------ the common part
+class Telemetry:
+    """A role's registry, labels and HTTP endpoint. Subclasses define the metrics."""
+
+    role = ""
+
+    def __init__(self, cfg: TrainConfig, learner_id: int | None = None, actor_id: int | None = None):
+        self.cfg = cfg
+        self.learner_id, self.actor_id = learner_id, actor_id
+        self.labels = {"run_id": cfg.run_id or "run", "role": self.role}
+        if learner_id is not None:
+            self.labels["learner_id"] = str(learner_id)
+        if actor_id is not None:
+            self.labels["actor_id"] = str(actor_id)
+        # A stable instance name: a restarted actor on a new port continues the same series.
+        self.instance = "-".join([self.role, *(self.labels[k] for k in ("learner_id", "actor_id") if k in self.labels)])
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)   # process_resident_memory_bytes, process_cpu_seconds_total, ...
+        self.address: str | None = None
+        self._server = None
+
+    # metric constructors: every metric gets this process's labels first
+    def _metric(self, kind, name: str, doc: str, labels: tuple[str, ...] = (), **kwargs):
+        return kind(f"{PREFIX}_{name}", doc, [*self.labels, *labels], registry=self.registry, **kwargs)
+
+    def _child(self, metric, **extra):
+        return metric.labels(**self.labels, **{k: str(v) for k, v in extra.items()})
+
+    def serve(self) -> "Telemetry":
+        """Start the /metrics endpoint (unless --metrics-port -1); `address` is then host:port."""
+        if self.cfg.metrics_port < 0 or self._server is not None:
+            return self
+        host = self.cfg.metrics_host
+        port = metrics_port(self.cfg, self.role, self.learner_id or 0, self.actor_id or 0)
+        try:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            if port == 0:
+                raise
+            log.warning("%s: metrics port %s:%d unavailable (%s); serving on a free port", self.instance, host, port, err)
+            server, _ = start_http_server(0, addr=host, registry=self.registry)
+        self._server = server
+        self.address = f"{advertised_host(host)}:{server.server_port}"
+        return self
+
+    def endpoint(self) -> dict:
+        """What the coordinator needs to list this process in the targets file."""
+        return {"address": self.address, "labels": {**self.labels, "instance": self.instance}, "pid": os.getpid(),
+                "ray_actor_id": _ray_actor_id()}
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+# ---------------------------------------------------------------------------------- rollouts
+class ActorTelemetry(Telemetry):
+    """A RolloutWorker: env throughput, training-level episodes, inference time, weights, restarts."""
+
+    role = "actor"
+
+    def __init__(self, cfg: TrainConfig, learner_id: int, actor_id: int):
+        super().__init__(cfg, learner_id, actor_id)
+        c = self._child
+        self.env_steps = c(self._metric(Counter, "actor_env_steps_total", "Environment steps taken (all of this actor's envs)."))
+        self.steps_per_second = c(self._metric(Gauge, "actor_env_steps_per_second", "Environment steps per second of the last rollout."))
+        self.episodes = c(self._metric(Counter, "actor_episodes_total", "Training-level episodes finished."))
+        self.episode_return = c(self._metric(Summary, "actor_episode_return", "Raw return of finished training-level episodes."))
+        self.episode_length = c(self._metric(Histogram, "actor_episode_length_steps", "Length of finished training-level episodes.",
+                                             buckets=LENGTH_BUCKETS))
+        self.rollout_seconds = c(self._metric(Histogram, "actor_rollout_seconds", "Wall time of one rollout (num_steps steps of every env).",
+                                              buckets=DURATION_BUCKETS))
+        self.inference_seconds = c(self._metric(Histogram, "actor_inference_seconds", "Policy inference time within one rollout.",
+                                                buckets=DURATION_BUCKETS))
+        self.weights_version = c(self._metric(Gauge, "actor_weights_version", "Optimizer step of the weights this actor acts with."))
+        self.restarts = c(self._metric(Counter, "actor_restarts_total", "Times Ray restarted this actor (counted when it comes back)."))
+        self.restarts.inc(restart_count())
+        self.serve()
+
+    def record_rollout(self, rollout) -> None:
+        self.env_steps.inc(rollout.env_steps)
+        self.steps_per_second.set(rollout.env_steps / max(rollout.collect_seconds, 1e-9))
+        self.episodes.inc(len(rollout.episode_returns))
+        for ret, length in zip(rollout.episode_returns.tolist(), rollout.episode_lengths.tolist()):
+            self.episode_return.observe(ret)
+            self.episode_length.observe(length)
+        self.rollout_seconds.observe(rollout.collect_seconds)
+        self.inference_seconds.observe(rollout.inference_seconds)
+        self.weights_version.set(rollout.weights_version)
+
+
+class EvaluatorTelemetry(Telemetry):
+    """An Evaluator: test-level (unseen levels) returns."""
+
+    role = "evaluator"
+
+    def __init__(self, cfg: TrainConfig, learner_id: int):
+        super().__init__(cfg, learner_id)
+        c = self._child
+        self.evaluations = c(self._metric(Counter, "evaluator_evaluations_total", "Evaluations finished."))
+        self.episodes = c(self._metric(Counter, "evaluator_episodes_total", "Test-level episodes played (finished or cut)."))
+        self.seconds = c(self._metric(Histogram, "evaluator_evaluation_seconds", "Wall time of one evaluation.",
+                                      buckets=DURATION_BUCKETS))
+        self.test_return = self._metric(Gauge, "evaluator_test_return", "Mean return of the last evaluation on unseen levels.")
+        self.weights_version = c(self._metric(Gauge, "evaluator_weights_version", "Optimizer step of the last evaluated weights."))
+        self.serve()
+
+    def record_eval(self, result: dict) -> None:
+        self.evaluations.inc()
+        self.episodes.inc(len(result["test_returns"]))
+        self.seconds.observe(result["seconds"])
+        self._child(self.test_return).set(result["test_return"])
+        self.weights_version.set(result["weights_version"])
+
+
+# ---------------------------------------------------------------------------------- learners
+# Learner.update's per-iteration means -> gauges.
+LEARNER_GAUGES = {
+    "loss": ("learner_loss", "Total loss (PPO + alpha * KL to peers), mean over the last iteration's minibatches."),
+    "policy_loss": ("learner_policy_loss", "PPO clipped policy loss, mean over the last iteration."),
+    "value_loss": ("learner_value_loss", "Value loss, mean over the last iteration."),
+    "entropy": ("learner_entropy", "Policy entropy in nats, mean over the last iteration."),
+    "kl_peer": ("learner_kl_peer", "KL(peer || self) in nats, mean over the last iteration (0 without distillation)."),
+    "approx_kl": ("learner_approx_kl", "Approximate KL to the behaviour (old) policy, mean over the last iteration."),
+    "clipfrac": ("learner_clip_fraction", "Fraction of samples whose probability ratio was clipped."),
+    "explained_variance": ("learner_explained_variance", "Explained variance of the value predictions on the last batch."),
+    "learning_rate": ("learner_learning_rate", "Adam learning rate of the last iteration."),
+    "grad_norm": ("learner_grad_norm", "Gradient norm before clipping, mean over the last iteration."),
+}
+
+
+class LearnerTelemetry(Telemetry):
+    """A LearnerWorker: losses and diagnostics, throughput, time per phase, memory, distillation, gRPC."""
+
+    role = "learner"
+
+    def __init__(self, cfg: TrainConfig, learner_id: int, device: str = "cpu"):
+        super().__init__(cfg, learner_id)
+        c, m = self._child, self._metric
+        self.device = device
+        self.gauges = {key: c(m(Gauge, name, doc)) for key, (name, doc) in LEARNER_GAUGES.items()}
+        self.weights_version = c(m(Gauge, "learner_weights_version", "Optimizer steps taken (the weights version)."))
+        self.iteration = c(m(Gauge, "learner_iteration", "Iterations this learner has completed."))
+        self.samples = c(m(Counter, "learner_samples_trained_total", "Samples trained on (batch size x epochs)."))
+        self.nonfinite = c(m(Counter, "learner_nonfinite_errors_total", "Updates aborted on a NaN/inf loss, gradient or peer logits."))
+        self.phase = m(Histogram, "learner_phase_seconds", "Time per iteration in each phase: wait_data (idle until the "
+                       "rollouts arrive), train (PPO epochs less sync), sync (waiting on and talking to peers).",
+                       ("phase",), buckets=DURATION_BUCKETS)
+        self.memory = m(Gauge, "learner_device_memory_bytes", "Memory in use on the training device (CPU: process RSS; "
+                        "CUDA: allocated by torch).", ("device",))
+        self.version_lag = m(Gauge, "actor_weights_version_lag", "Optimizer steps between the weights an actor's last "
+                             "rollout was collected with and this learner's weights when it trained on it.", ("actor_id",))
+        self.sync_seconds = c(m(Histogram, "distill_sync_seconds", "Latency of one sync: sending states to every peer "
+                                "and receiving their logits.", buckets=LATENCY_BUCKETS))
+        self.sent_bytes = c(m(Counter, "distill_sent_bytes_total", "Distillation bytes sent to peers (states, gradients)."))
+        self.received_bytes = c(m(Counter, "distill_received_bytes_total", "Distillation bytes received from peers (logits)."))
+        self.staleness = c(m(Gauge, "distill_staleness_steps", "Optimizer steps since the peer logits used as targets "
+                             "were made, mean over the last iteration's minibatches."))
+        self.staleness_max = c(m(Gauge, "distill_staleness_max_steps", "Largest staleness of peer logits in the last iteration."))
+        self.grpc_server = m(Counter, "grpc_server_handled_total", "gRPC calls this learner's server finished, by status code.",
+                             ("grpc_service", "grpc_method", "grpc_code"))
+        self.grpc_server_seconds = m(Histogram, "grpc_server_handling_seconds", "Time this learner's server spent on one call.",
+                                     ("grpc_service", "grpc_method"), buckets=LATENCY_BUCKETS)
+        self.grpc_client = m(Counter, "grpc_client_handled_total", "gRPC calls this learner made to its peers, by status code.",
+                             ("grpc_service", "grpc_method", "grpc_code"))
+        for phase in ("wait_data", "train", "sync"):
+            self._child(self.phase, phase=phase)
+        self._last_end = time.perf_counter()
+        self._record_memory()
+        self.serve()
+
+    # gRPC ---------------------------------------------------------------------------------
+    def _grpc_server_record(self, service: str, method: str, code, t0: float) -> None:
+        self._child(self.grpc_server, grpc_service=service, grpc_method=method, grpc_code=code.name).inc()
+        self._child(self.grpc_server_seconds, grpc_service=service, grpc_method=method).observe(time.perf_counter() - t0)
+
+    def _grpc_client_record(self, service: str, method: str, code, t0: float) -> None:
+        self._child(self.grpc_client, grpc_service=service, grpc_method=method, grpc_code=code.name).inc()
+
+    def grpc_server_interceptor(self):
+        from learners.grpc_metrics import ServerMetricsInterceptor
+        return ServerMetricsInterceptor(self._grpc_server_record)
+
+    def instrument_clients(self, clients) -> None:
+        """Route each PeerClient's calls through a channel that counts them by status code."""
+        import grpc
+
+        from learners.grpc_metrics import ClientMetricsInterceptor
+        interceptor = ClientMetricsInterceptor(self._grpc_client_record)
+        for client in clients:
+            client.stub = type(client.stub)(grpc.intercept_channel(client.channel, interceptor))
+
+    # updates ------------------------------------------------------------------------------
+    def record_update(self, stats: dict, rollouts, started: float, step_before: int) -> None:
+        """After LearnerWorker.update: `started`/`step_before` are perf_counter and optimizer step at its start."""
+        for key, gauge in self.gauges.items():
+            if key in stats:
+                gauge.set(stats[key])
+        self.weights_version.set(stats["step"])
+        self.iteration.set(stats["iteration"])
+        self.samples.inc(stats["samples"])
+        sync = stats.get("sync_seconds", 0.0)
+        self._child(self.phase, phase="wait_data").observe(max(0.0, started - self._last_end))
+        self._child(self.phase, phase="train").observe(max(0.0, stats["update_seconds"] - sync))
+        self._child(self.phase, phase="sync").observe(sync)
+        for latency in stats.get("sync_latencies", []):
+            self.sync_seconds.observe(latency)
+        self.sent_bytes.inc(stats.get("sync_bytes_sent", 0))
+        self.received_bytes.inc(stats.get("sync_bytes_received", 0))
+        self.staleness.set(stats.get("staleness_mean", 0.0))
+        self.staleness_max.set(stats.get("staleness_max", 0))
+        for r in rollouts:
+            self._child(self.version_lag, actor_id=r.actor_id).set(step_before - r.weights_version)
+        self._record_memory()
+        self._last_end = time.perf_counter()
+
+    def record_nonfinite(self) -> None:
+        self.nonfinite.inc()
+        self.gauges["loss"].set(math.nan)
+
+    def _record_memory(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+            used = torch.cuda.memory_allocated()
+        else:
+            import psutil
+            used = psutil.Process().memory_info().rss
+        self._child(self.memory, device=self.device).set(used)
+
+
+# ------------------------------------------------------------------------------- coordinator
+class _LiveWorkers:
+    """Collector: Ray actors of each kind that the GCS reports ALIVE, asked at scrape time (cached 1 s)."""
+
+    NAME = f"{PREFIX}_coordinator_live_workers"
+    DOC = "Ray actors of each kind (learner, actor, evaluator) that are alive, per Ray's GCS."
+
+    def __init__(self, telemetry: "CoordinatorTelemetry"):
+        self.telemetry = telemetry
+        self._cache: tuple[float, dict[str, int] | None] = (0.0, None)
+        self._lock = threading.Lock()
+
+    def counts(self) -> dict[str, int] | None:
+        with self._lock:
+            if time.monotonic() - self._cache[0] < 1.0:
+                return self._cache[1]
+            workers = dict(self.telemetry.workers)
+            states = actor_states(workers)
+            counts = None
+            if states is not None:
+                counts = {kind: 0 for kind in ("learner", "actor", "evaluator")}
+                for aid, kind in workers.items():
+                    counts[kind] += states.get(aid) == "ALIVE"
+            self._cache = (time.monotonic(), counts)
+            return counts
+
+    def describe(self):
+        return [GaugeMetricFamily(self.NAME, self.DOC, labels=[*self.telemetry.labels, "kind"])]
+
+    def collect(self):
+        family = GaugeMetricFamily(self.NAME, self.DOC, labels=[*self.telemetry.labels, "kind"])
+        for kind, n in (self.counts() or {}).items():
+            family.add_metric([*self.telemetry.labels.values(), kind], n)
+        yield family
+
+
+class CoordinatorTelemetry(Telemetry):
+    """The driver: progress, train vs test return per agent, generalization gap, workers, targets file."""
+
+    role = "coordinator"
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path | str):
+        super().__init__(cfg)
+        c, m = self._child, self._metric
+        self.run_dir = Path(run_dir)
+        self.targets_path = self.run_dir / TARGETS_FILE
+        self.sd_path = sd_dir(cfg, run_dir) / (re.sub(r"[^A-Za-z0-9_.-]", "_", self.labels["run_id"]) + ".json")
+        self.run_info = c(m(Info, "run", "Configuration of the run."))
+        self.iteration = c(m(Gauge, "coordinator_iteration", "Iterations completed."))
+        self.iterations_planned = c(m(Gauge, "coordinator_iterations_planned", "Iterations the run is configured for."))
+        self.env_steps = m(Counter, "coordinator_env_steps_total", "Environment steps per agent (training levels).",
+                           ("learner_id",))
+        self.steps_per_second = c(m(Gauge, "coordinator_env_steps_per_second",
+                                    "Environment steps per second, all agents, since the run (re)started."))
+        self.train_return = m(Gauge, "coordinator_train_return", "Mean return of the last --return-window training "
+                              "episodes of an agent.", ("learner_id",))
+        self.test_return = m(Gauge, "coordinator_test_return", "Mean return of an agent's latest evaluation on unseen "
+                             "levels.", ("learner_id",))
+        self.gap = m(Gauge, "coordinator_generalization_gap", "Train return minus test return of an agent.", ("learner_id",))
+        self.iteration_seconds = c(m(Histogram, "coordinator_iteration_seconds", "Wall time of one iteration "
+                                     "(rollouts, updates and syncs).", buckets=DURATION_BUCKETS))
+        self.last_progress = c(m(Gauge, "coordinator_last_progress_timestamp_seconds", "Unix time of the last finished "
+                                 "iteration (or of the start)."))
+        self.expected = m(Gauge, "coordinator_expected_workers", "Ray actors of each kind the run started.", ("kind",))
+        self.workers: dict[str, str] = {}             # Ray actor id -> kind
+        self.live = _LiveWorkers(self)
+        self.registry.register(self.live)
+        self.endpoints: dict[str, dict] = {}          # instance -> endpoint
+        self._steps_seen: dict[int, int] = {}
+        self._last_time = time.perf_counter()
+
+    # lifecycle ----------------------------------------------------------------------------
+    def attach(self, coordinator) -> None:
+        """At the end of Coordinator.start(): serve, gather every process's endpoint, write the targets files."""
+        import ray
+
+        cfg = self.cfg
+        self.serve()
+        self.run_info.info({"env_id": cfg.env_id, "alpha": str(cfg.alpha), "distill_mode": cfg.distill_mode,
+                            "sync": cfg.sync, "num_learners": str(cfg.num_learners), "seed": str(cfg.seed)})
+        self.iterations_planned.set(cfg.num_iterations)
+        self.iteration.set(coordinator.iteration)
+        for i, steps in enumerate(coordinator.env_steps):
+            self._child(self.env_steps, learner_id=i).inc(steps)
+            self._steps_seen[i] = steps
+        actors = [a for group in coordinator.actors for a in group]
+        remote = ray.get([h.metrics_endpoint.remote() for h in actors + coordinator.evaluators])
+        endpoints = [info["metrics"] for info in coordinator.learner_info] + remote
+        kinds = ["learner"] * len(coordinator.learner_info) + ["actor"] * len(actors) + ["evaluator"] * len(coordinator.evaluators)
+        for kind in ("learner", "actor", "evaluator"):
+            self._child(self.expected, kind=kind).set(kinds.count(kind))
+        self.workers = {e["ray_actor_id"]: kind for e, kind in zip(endpoints, kinds) if e.get("ray_actor_id")}
+        self.endpoints = {e["labels"]["instance"]: e for e in [self.endpoint(), *endpoints]}
+        self.last_progress.set_to_current_time()
+        self._last_time = time.perf_counter()
+        self.write_targets()
+
+    def on_iteration(self, coordinator, record: dict) -> None:
+        """After each iteration's record (metrics.jsonl line) is written."""
+        now = time.perf_counter()
+        self.iteration_seconds.observe(now - self._last_time)
+        self._last_time = now
+        self.iteration.set(record["iteration"])
+        self.steps_per_second.set(record.get("env_steps_per_second", 0.0))
+        for entry in record["learners"]:
+            i = entry["id"]
+            steps = coordinator.env_steps[i]
+            self._child(self.env_steps, learner_id=i).inc(max(0, steps - self._steps_seen.get(i, 0)))
+            self._steps_seen[i] = steps
+            for gauge, key in ((self.train_return, "train_return"), (self.test_return, "test_return"),
+                               (self.gap, "generalization_gap")):
+                if entry.get(key) is not None:
+                    self._child(gauge, learner_id=i).set(entry[key])
+        self.last_progress.set_to_current_time()
+        self._refresh_actors(coordinator)
+
+    def _refresh_actors(self, coordinator) -> None:
+        """A restarted rollout actor may serve on a new port: re-read the actors' endpoints (they are idle now)."""
+        import ray
+
+        actors = [a for group in coordinator.actors for a in group]
+        if self.cfg.metrics_port < 0 or not actors:
+            return
+        try:
+            endpoints = ray.get([a.metrics_endpoint.remote() for a in actors], timeout=30)
+        except Exception as err:  # an actor being restarted: try again next iteration
+            log.warning("could not refresh the actors' metrics endpoints: %s", err)
+            return
+        changed = [e for e in endpoints if self.endpoints.get(e["labels"]["instance"], {}).get("address") != e["address"]]
+        if changed:
+            for e in changed:
+                self.endpoints[e["labels"]["instance"]] = e
+                if e.get("ray_actor_id"):
+                    self.workers[e["ray_actor_id"]] = "actor"
+            log.info("metrics endpoints changed: %s", ", ".join(f"{e['labels']['instance']} {e['address']}" for e in changed))
+            self.write_targets()
+
+    def close(self, clean: bool = True) -> None:
+        """Stop serving. After a clean end (finished or stopped) the shared targets file goes, so Prometheus
+        stops scraping; after a crash it stays, and the `up == 0` alerts say the run is down."""
+        if clean and self.sd_path.exists():
+            self.sd_path.unlink()
+        super().close()
+
+    # targets ------------------------------------------------------------------------------
+    def target_groups(self) -> list[dict]:
+        return [{"targets": [e["address"]], "labels": e["labels"]} for e in self.endpoints.values() if e.get("address")]
+
+    def write_targets(self) -> None:
+        if self.cfg.metrics_port < 0:
+            return
+        groups = self.target_groups()
+        for path in (self.targets_path, self.sd_path):
+            write_targets(path, groups)
+
+    def describe_endpoints(self) -> str:
+        """What `mdpo train` prints: every endpoint and the targets files."""
+        if self.cfg.metrics_port < 0:
+            return "metrics: off (--metrics-port -1)"
+        lines = [f"metrics: {len(self.endpoints)} Prometheus endpoints (file_sd targets: {self.targets_path}, "
+                 f"{self.sd_path}); run_id={self.labels['run_id']}"]
+        lines += [f"  {name:<16} http://{e['address']}/metrics" for name, e in self.endpoints.items() if e.get("address")]
+        return "\n".join(lines)
+
+
+def write_targets(path: Path, groups: list[dict]) -> None:
+    """Atomically write a Prometheus file_sd JSON file (Prometheus watches it and must never see half of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(groups, indent=2) + "\n")
+    os.replace(tmp, path)
