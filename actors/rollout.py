@@ -17,6 +17,7 @@ from actors.envs import get_reward_normalizer_state, make_vector_env, set_reward
 from learners.batch import Rollout, Weights
 from learners.config import TrainConfig
 from learners.model import make_agent
+from learners.telemetry import ActorTelemetry, EvaluatorTelemetry
 
 
 def _obs_spec(env) -> tuple[tuple[int, ...], str, int]:
@@ -40,6 +41,7 @@ class RolloutWorker:
     def __init__(self, cfg: TrainConfig, learner_id: int, actor_id: int, seed: int):
         torch.set_num_threads(1)   # many actors share a machine's cores; one thread each avoids oversubscription
         self.cfg, self.learner_id, self.actor_id = cfg, learner_id, actor_id
+        self.telemetry = ActorTelemetry(cfg, learner_id, actor_id)   # /metrics endpoint; counts Ray restarts
         self.env = make_vector_env(cfg.env_id, cfg.envs_per_actor, seed, num_levels=cfg.num_levels,
                                    start_level=cfg.start_level, distribution_mode=cfg.distribution_mode,
                                    gamma=cfg.gamma, normalize_reward=cfg.normalize_reward,
@@ -89,9 +91,11 @@ class RolloutWorker:
                 ep_lengths.extend(np.asarray(info["episode"]["l"])[done_mask].tolist())
         next_value = self.agent(torch.from_numpy(self.obs))[1].numpy()
         self.env_steps += T * N
-        return Rollout(self.learner_id, self.actor_id, self.version, obs_buf, actions, logprobs, values, rewards,
-                       dones, next_value, np.asarray(ep_returns, np.float32), np.asarray(ep_lengths, np.int64),
-                       time.perf_counter() - t0, infer, os.getpid(), self.get_state())
+        rollout = Rollout(self.learner_id, self.actor_id, self.version, obs_buf, actions, logprobs, values, rewards,
+                          dones, next_value, np.asarray(ep_returns, np.float32), np.asarray(ep_lengths, np.int64),
+                          time.perf_counter() - t0, infer, os.getpid(), self.get_state())
+        self.telemetry.record_rollout(rollout)
+        return rollout
 
     def get_state(self) -> dict:
         """What a checkpoint needs to continue this actor: reward-normaliser statistics."""
@@ -104,8 +108,12 @@ class RolloutWorker:
     def ping(self) -> int:
         return self.version
 
+    def metrics_endpoint(self) -> dict:
+        return self.telemetry.endpoint()
+
     def close(self) -> None:
         self.env.close()
+        self.telemetry.close()
 
 
 def _sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -118,6 +126,7 @@ class Evaluator:
     def __init__(self, cfg: TrainConfig, learner_id: int, seed: int):
         torch.set_num_threads(1)
         self.cfg, self.learner_id, self.seed = cfg, learner_id, seed
+        self.telemetry = EvaluatorTelemetry(cfg, learner_id)   # /metrics endpoint
         self.env = make_vector_env(cfg.env_id, cfg.eval_episodes, seed, num_levels=0, start_level=seed,
                                    distribution_mode=cfg.distribution_mode, normalize_reward=False, clip_reward=None)
         obs_shape, obs_dtype, num_actions = _obs_spec(self.env)
@@ -141,9 +150,15 @@ class Evaluator:
             returns[~done] += reward[~done]
             lengths[~done] += 1
             done |= terminated | truncated
-        return {"learner_id": self.learner_id, "weights_version": weights.version, "test_return": float(returns.mean()),
-                "test_returns": returns.tolist(), "test_lengths": lengths.tolist(), "completed": int(done.sum()),
-                "seconds": time.perf_counter() - t0}
+        result = {"learner_id": self.learner_id, "weights_version": weights.version, "test_return": float(returns.mean()),
+                  "test_returns": returns.tolist(), "test_lengths": lengths.tolist(), "completed": int(done.sum()),
+                  "seconds": time.perf_counter() - t0}
+        self.telemetry.record_eval(result)
+        return result
+
+    def metrics_endpoint(self) -> dict:
+        return self.telemetry.endpoint()
 
     def close(self) -> None:
         self.env.close()
+        self.telemetry.close()

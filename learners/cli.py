@@ -52,13 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue the run in RUN_DIR from its latest good checkpoint to the requested total")
     train.add_argument("--log-level", default="INFO")
+    _add_config_flags(train)
+    _add_study_commands(sub)
+    return parser
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field (dest: the field name; None when not given)."""
     helps = _field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         names = FLAG_ALIASES.get(f.name, []) + [f"--{f.name.replace('_', '-')}"]
         kind = _bool if f.type in ("bool", bool) else {"int": int, "float": float}.get(str(f.type), str)
-        train.add_argument(*names, dest=f.name, type=kind, default=None, metavar=f.name.split("_")[-1].upper(),
-                           help=f"{helps.get(f.name, '')} (default {f.default!r})")
-    return parser
+        parser.add_argument(*names, dest=f.name, type=kind, default=None, metavar=f.name.split("_")[-1].upper(),
+                            help=f"{helps.get(f.name, '')} (default {f.default!r})")
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
@@ -70,7 +78,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
             raise ConfigError(f"--resume {run_dir}: no config.json there; pass the run directory of an earlier run")
         if args.preset:
             raise ConfigError("--resume continues a run with its saved config; drop --preset")
-        allowed = {"total_steps", "ray_address", "progress", "checkpoint_every", "device"}
+        allowed = {"total_steps", "ray_address", "progress", "checkpoint_every", "device",
+                   "metrics_host", "metrics_port", "metrics_sd_dir"}
         if set(overrides) - allowed:
             raise ConfigError(f"--resume can only change {sorted(allowed)}; got {sorted(set(overrides) - allowed)}")
         cfg = dataclasses.replace(TrainConfig.load(run_dir / "config.json"), **overrides)
@@ -78,7 +87,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
         cfg = dataclasses.replace(preset(args.preset) if args.preset else TrainConfig(), **overrides)
         run_dir = Path(cfg.run_dir or f"runs/{cfg.env_id.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.run_dir = str(run_dir)
-    return cfg.validate(), run_dir
+    cfg.validate()
+    from learners.coordinator import preflight
+
+    preflight(cfg)
+    return cfg, run_dir
 
 
 def _progress_bar(cfg: TrainConfig, start_steps: int):
@@ -98,7 +111,7 @@ def _progress_bar(cfg: TrainConfig, start_steps: int):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from learners.coordinator import Coordinator, RunStopped
+    from learners.coordinator import Coordinator, RunStopped, TrainingDiverged
 
     try:
         cfg, run_dir = resolve_config(args)
@@ -110,11 +123,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar = None
     try:
         coordinator.start()
+        print(coordinator.telemetry.describe_endpoints(), flush=True)   # the Prometheus endpoints it serves
         bar, update = _progress_bar(cfg, coordinator.env_steps[0])
         summary = coordinator.run(update)
     except RunStopped as stop:
         log.warning("%s; resume with: mdpo train --resume %s", stop, run_dir)
         return 128 + (coordinator.stop_signal or signal.SIGINT)
+    except ConfigError as err:      # found only once Ray is up: unreachable cluster, nothing to resume...
+        print(f"mdpo train: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"mdpo train: error: training diverged: {err}", file=sys.stderr)
+        return 1
+    except Exception:
+        log.exception("training failed; the latest checkpoint in %s/checkpoints is intact "
+                      "(continue with: mdpo train --resume %s)", run_dir, run_dir)
+        return 1
     finally:
         if bar is not None:
             bar.close()
@@ -126,6 +150,99 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ the study: sweep, analyze, report
+def _add_study_commands(sub) -> None:
+    from learners.sweep import MANAGED
+
+    sweep = sub.add_parser("sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           help="train a grid of runs (games x methods x axes x seeds) on the Ray cluster",
+                           description="Runs RUNS_DIR/<game>/<method>[/<field>=<value>...]/seed<k> as `mdpo train` "
+                                       "subprocesses on one Ray cluster, as many at once as its resources allow; "
+                                       "skips finished cells and resumes interrupted ones. Put RUNS_DIR first.")
+    sweep.add_argument("runs_dir", metavar="RUNS_DIR")
+    sweep.add_argument("--games", nargs="+", required=True, help="Procgen games or Gymnasium ids; `all`: the 16 games")
+    sweep.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    sweep.add_argument("--methods", nargs="+", default=["mdpo", "ppo"],
+                       help="mdpo (alpha 1), ppo (alpha 0) or NAME:FIELD=VALUE[,FIELD=VALUE...]")
+    sweep.add_argument("--axis", action="append", default=[], metavar="FIELD=V1,V2",
+                       help="an extra grid dimension over any TrainConfig field (repeatable)")
+    sweep.add_argument("--preset", choices=sorted(PRESETS), default=None, help="every cell starts from this preset")
+    sweep.add_argument("--max-concurrent", type=int, default=0, help="cap on cells at once (0: as resources allow)")
+    sweep.add_argument("--ray-address", default="", help="cluster to run on (default RAY_ADDRESS, else a local Ray)")
+    sweep.add_argument("--log-level", default="WARNING")
+    group = sweep.add_argument_group("fixed overrides for every cell (any `mdpo train` flag)")
+    _add_config_flags(group, skip=MANAGED)
+
+    analyze = sub.add_parser("analyze", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                             help="robustness to rendering, agent agreement and t-SNE of a run's policies",
+                             description="Writes RUN_DIR/analysis/ for every Procgen run at or below each PATH.")
+    analyze.add_argument("paths", nargs="+", metavar="RUN_DIR")
+    analyze.add_argument("--num-envs", type=int, default=8)
+    analyze.add_argument("--num-steps", type=int, default=64)
+    analyze.add_argument("--variants", default="no_backgrounds,monochrome_assets",
+                         help="comma-separated rendering variants: no_backgrounds, monochrome_assets, paint_vel_info")
+    analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--driver", choices=["random", "agent"], default="random")
+    analyze.add_argument("--tsne-points", type=int, default=200)
+    analyze.add_argument("--log-level", default="WARNING")
+
+    report = sub.add_parser("report", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            help="figures and tables of the study from run directories")
+    report.add_argument("runs_dir", metavar="RUNS_DIR")
+    report.add_argument("--out", default=None, help="output directory (default RUNS_DIR/report)")
+    report.add_argument("--include-incomplete", action="store_true")
+    report.add_argument("--log-level", default="WARNING")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from learners.sweep import MANAGED, Method, SweepConfig, SweepRunner, parse_axis
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if f.name not in MANAGED and getattr(args, f.name) is not None}
+    try:
+        axes = dict(parse_axis(spec) for spec in args.axis)
+        if len(axes) != len(args.axis):
+            raise ConfigError("--axis names a field twice")
+        sweep = SweepConfig(Path(args.runs_dir), args.games, args.seeds, [Method.parse(m) for m in args.methods],
+                            axes, args.preset, overrides, args.max_concurrent, args.ray_address)
+        return SweepRunner(sweep).run()
+    except ConfigError as err:
+        print(f"mdpo sweep: error: {err}", file=sys.stderr)
+        return 2
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from learners.robustness import AnalyzeConfig, analyze_paths
+
+    cfg = AnalyzeConfig(args.num_envs, args.num_steps, tuple(v for v in args.variants.split(",") if v), args.seed,
+                        args.driver, args.tsne_points)
+    try:
+        results, problems = analyze_paths([Path(p) for p in args.paths], cfg)
+    except ConfigError as err:
+        print(f"mdpo analyze: error: {err}", file=sys.stderr)
+        return 2
+    if not results:
+        print(f"mdpo analyze: error: nothing analysed ({'; '.join(problems)})", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from learners.report import ReportConfig, build_report
+
+    try:
+        paths = build_report(ReportConfig(Path(args.runs_dir), Path(args.out) if args.out else None,
+                                          args.include_incomplete))
+    except ConfigError as err:
+        print(f"mdpo report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {paths['markdown']}\n" + "\n".join(f"  {p}" for k, p in paths.items() if k != "markdown"))
+    return 0
+
+
+STUDY_COMMANDS = {"sweep": cmd_sweep, "analyze": cmd_analyze, "report": cmd_report}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -133,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "train":
         return cmd_train(args)
+    if args.command in STUDY_COMMANDS:
+        return STUDY_COMMANDS[args.command](args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -107,6 +107,15 @@ class TrainConfig:
     ray_address: str = ""
     """Existing Ray cluster (`auto`, `ray://...`, host:port); empty starts an embedded local Ray."""
     progress: bool = True
+    # --- monitoring (learners/telemetry.py, deploy/prometheus/README.md) ---
+    metrics_host: str = "127.0.0.1"
+    """Address every process binds its Prometheus /metrics endpoint to (0.0.0.0 in compose and on multi-node clusters)."""
+    metrics_port: int = 9500
+    """Base port of the /metrics endpoints: coordinator B, learner i B+1+i, evaluator i B+1+L+i, actor a of learner i B+1+2L+i*A+a (L learners, A actors each); 0 picks free ports, -1 turns metrics off."""
+    metrics_sd_dir: str = ""
+    """Where the coordinator writes `<run id>.json`, the Prometheus file_sd list of this run's endpoints (default: `prometheus/` beside the run directory, e.g. runs/prometheus/)."""
+    run_id: str = ""
+    """The `run_id` label of every metric (default: the run directory's name)."""
 
     # ----------------------------------------------------------------- derived
     @property
@@ -175,6 +184,10 @@ class TrainConfig:
                               f"so it needs --sync minibatch (got --sync {self.sync})")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        top = 65535 - (1 + 2 * self.num_learners + self.num_learners * self.num_actors)   # telemetry.ports_needed
+        if not -1 <= self.metrics_port <= top:
+            raise ConfigError(f"--metrics-port must be -1 (off), 0 (pick free ports) or a base port <= {top}, "
+                              f"got {self.metrics_port}")
         if not 0 <= self.grpc_port <= 65535 - self.num_learners:
             raise ConfigError(f"--grpc-port must be 0 (pick free ports) or a base port <= {65535 - self.num_learners}")
         tls = [self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_ca]

@@ -9,20 +9,23 @@ import logging
 import math
 import os
 import signal
+import socket
 import time
 from collections import deque
 from pathlib import Path
 
+import grpc
 import numpy as np
 import ray
 
 from actors.rollout import Evaluator, RolloutWorker, env_spec
 from learners.checkpoint import latest_checkpoint, save_checkpoint
-from learners.config import TrainConfig
-from learners.learner import NonFiniteError
+from learners.config import ConfigError, TrainConfig
+from learners.learner import NonFiniteError, SyncError
 from learners.learner_worker import LearnerWorker
 from learners.plots import plot_returns
 from learners.schedule import IterationPlan
+from learners.telemetry import CoordinatorTelemetry, with_run_id
 
 log = logging.getLogger("mdpo")
 
@@ -35,6 +38,15 @@ class TrainingDiverged(RuntimeError):
     """A loss or logits went non-finite; the run stops and keeps its last good checkpoint."""
 
 
+def is_process_failure(err: Exception) -> bool:
+    """A dead or unreachable actor (directly, or seen by its peer as a failed sync), as opposed to a bug."""
+    if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                        ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
+        return True
+    cause = getattr(err, "cause", None)
+    return isinstance(cause, (SyncError, grpc.RpcError, ray.exceptions.RayActorError))
+
+
 def wait_all(refs: list) -> list:
     """ray.get that fails as soon as any task fails (a dead learner must not leave us waiting on its peer)."""
     pending, done = list(refs), {}
@@ -44,16 +56,66 @@ def wait_all(refs: list) -> list:
     return [done[r] for r in refs]
 
 
-def connect_ray(cfg: TrainConfig) -> None:
-    """Join the cluster at cfg.ray_address (or RAY_ADDRESS), else start an embedded local Ray."""
+def connect_ray(cfg: TrainConfig) -> bool:
+    """Join the cluster at cfg.ray_address (or RAY_ADDRESS), else start an embedded local Ray.
+    Returns True when this process started (and so must stop) Ray."""
     if ray.is_initialized():
-        return
+        return False
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
+        check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as err:
+            raise ConfigError(f"cannot join the Ray cluster at {address!r}: {err}. Start one with `ray start --head` "
+                              "or drop --ray-address to use an embedded local Ray") from None
+        return False
     needed = cfg.num_learners * (cfg.learner_cpus + cfg.num_actors * cfg.actor_cpus)
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Checks that need the machine or network, run before anything is started."""
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        check_reachable(address)
+    elif cfg.grpc_port:   # on a local run the learners bind on this machine
+        for port in range(cfg.grpc_port, cfg.grpc_port + cfg.num_learners):
+            with socket.socket() as sock:
+                try:
+                    sock.bind((cfg.grpc_host, port))
+                except OSError as err:
+                    raise ConfigError(f"--grpc-port: port {port} on {cfg.grpc_host} is in use ({err.strerror}); "
+                                      "pick another base port or 0 for free ports") from None
+
+
+# CPU worker nodes of the compose file and the KubeRay manifest (deploy/) carry this Ray node label
+# (`ray start --labels=mdpo-role=rollout`); learner nodes advertise the custom resource `learner` instead.
+ROLLOUT_NODE_LABEL = ("mdpo-role", "rollout")
+
+
+def rollout_placement() -> dict:
+    """Ray options that keep rollout actors and evaluators on the labelled CPU worker nodes, if the cluster has
+    any; otherwise none (embedded Ray, unlabelled clusters, where Ray already prefers non-GPU nodes for them)."""
+    key, value = ROLLOUT_NODE_LABEL
+    if any(node.get("Alive") and (node.get("Labels") or {}).get(key) == value for node in ray.nodes()):
+        return {"label_selector": {key: value}}
+    return {}
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with a clear message instead of Ray's long retry loop on a wrong host:port."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"--ray-address {address}: nothing answers at {host}:{port} ({err}); is the cluster up?") from None
 
 
 def summarize(values: list[float]) -> dict:
@@ -65,6 +127,8 @@ def summarize(values: list[float]) -> dict:
 class Coordinator:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.cfg = with_run_id(cfg, self.run_dir)      # the run_id label of every Prometheus metric of the run
+        self.telemetry = CoordinatorTelemetry(self.cfg, self.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.learners: list = []
@@ -80,6 +144,8 @@ class Coordinator:
         self.stop_signal: int | None = None
         self.learner_info: list[dict] = []
         self.failures = 0
+        self.owns_ray = False
+        self._actor_placement: dict = {}   # set in start(): rollout_placement()
         self.actor_restarts = [0] * cfg.num_learners
         self.actor_pids: list[list] = [[None] * cfg.num_actors for _ in range(cfg.num_learners)]
         self.actor_states: list[list] = [[{}] * cfg.num_actors for _ in range(cfg.num_learners)]
@@ -91,7 +157,7 @@ class Coordinator:
         self.ckpt_dir.mkdir(exist_ok=True)
         cfg.save(self.run_dir / "config.json")
         obs_shape, obs_dtype, num_actions = env_spec(cfg)
-        connect_ray(cfg)
+        self.owns_ray = connect_ray(cfg)
         resources = ray.cluster_resources()
         gpu = cfg.device != "cpu" and resources.get("GPU", 0) >= cfg.num_learners
         learner_opts = {"num_cpus": cfg.learner_cpus, "num_gpus": 1 if gpu else 0}
@@ -102,8 +168,11 @@ class Coordinator:
         self._start_learners()
         # A killed actor is restarted by Ray and its in-flight `collect` retried, so the lost rollout is
         # collected again; only rollouts that reach a learner are counted.
+        self._actor_placement = rollout_placement()
+        log.info("placing rollout actors and evaluators with %s", self._actor_placement or "no node constraint")
         self._remote_actor = ray.remote(RolloutWorker).options(
-            num_cpus=cfg.actor_cpus, max_restarts=cfg.actor_max_restarts, max_task_retries=cfg.actor_max_restarts)
+            num_cpus=cfg.actor_cpus, max_restarts=cfg.actor_max_restarts, max_task_retries=cfg.actor_max_restarts,
+            **self._actor_placement)
         self.actors = [[self._new_actor(i, a) for a in range(cfg.num_actors)] for i in range(cfg.num_learners)]
         if cfg.eval_every:
             self.evaluators = [self._new_evaluator(i) for i in range(cfg.num_learners)]
@@ -113,6 +182,7 @@ class Coordinator:
             if self.metrics_path.exists():
                 self.metrics_path.unlink()
             self.checkpoint(0.0)    # iteration 0: every failure has a checkpoint to roll back to
+        self.telemetry.attach(self)   # serve /metrics, write the Prometheus targets files
 
     def _start_learners(self) -> None:
         learner_opts, obs_shape, obs_dtype, num_actions = self._learner_args
@@ -123,6 +193,8 @@ class Coordinator:
                          for i in range(self.cfg.num_learners)]
         self.learner_info = ray.get([l.info.remote() for l in self.learners])
         addresses = {info["id"]: info["address"] for info in self.learner_info}
+        for info in self.learner_info:
+            log.info("learner %d: gRPC %s, device %s, pid %d", info["id"], info["address"], info["device"], info["pid"])
         if self.cfg.distilling:
             ray.get([l.connect.remote(addresses) for l in self.learners])
 
@@ -130,7 +202,8 @@ class Coordinator:
         return self._remote_actor.remote(self.cfg, learner, actor, self._actor_seed(learner, actor))
 
     def _new_evaluator(self, learner: int):
-        return ray.remote(Evaluator).options(num_cpus=0).remote(self.cfg, learner, self._eval_seed(learner))
+        return ray.remote(Evaluator).options(num_cpus=0, **self._actor_placement).remote(
+            self.cfg, learner, self._eval_seed(learner))
 
     def _actor_seed(self, learner: int, actor: int) -> int:
         # Shifted by the iteration so a resumed run does not replay the same episodes.
@@ -148,6 +221,9 @@ class Coordinator:
         for handle in [a for group in self.actors for a in group] + self.evaluators + self.learners:
             ray.kill(handle)
         self.learners, self.actors, self.evaluators = [], [], []
+        self.telemetry.close(clean=self.stop_signal is not None or self.iteration >= self.cfg.num_iterations)
+        if self.owns_ray:
+            ray.shutdown()
 
     # ------------------------------------------------------------- the loop
     def run(self, progress=None) -> dict:
@@ -167,6 +243,7 @@ class Coordinator:
                 record["env_steps_per_second"] = sum(self.env_steps) / record["wall_seconds"]
                 with self.metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                self.telemetry.on_iteration(self, record)
                 if progress:
                     progress(record)
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.num_iterations:
@@ -234,6 +311,8 @@ class Coordinator:
         cause = getattr(err, "cause", None)
         if isinstance(cause, NonFiniteError):
             raise TrainingDiverged(f"{cause}. The last good checkpoint is kept in {self.ckpt_dir}.") from None
+        if not is_process_failure(err):
+            raise err    # a bug or bad input, not a dead process: retrying would fail the same way
         self.failures += 1
         log.error("iteration %d failed (%s: %s); failure %d of at most %d: restarting learners from the latest "
                   "checkpoint", self.iteration + 1, type(err).__name__, str(err).splitlines()[0][:300],

@@ -158,11 +158,12 @@ def _chain(first, rest):
 
 
 def serve(learner: Learner, host: str, port: int, security: ChannelSecurity = ChannelSecurity(),
-          max_workers: int = 8) -> tuple[grpc.Server, int]:
+          max_workers: int = 8, interceptors: tuple = ()) -> tuple[grpc.Server, int]:
     """Start the learner's gRPC server (plus the standard health service); returns (server, bound port)."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
-    interceptors = [TokenInterceptor(security.token)] if security.token else []
+    # `interceptors` (e.g. telemetry's call counter) run first, so calls the token check rejects are seen too.
+    interceptors = [*interceptors] + ([TokenInterceptor(security.token)] if security.token else [])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
                          interceptors=interceptors)
     pb_grpc.add_DistillServicer_to_server(DistillServicer(learner), server)

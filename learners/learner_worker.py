@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import numpy as np
 import torch
@@ -12,8 +13,9 @@ from learners.batch import Rollout, Weights
 from learners.checkpoint import tensors_from_bytes, tensors_to_bytes
 from learners.config import TrainConfig
 from learners.distill_service import ChannelSecurity, PeerClient, serve
-from learners.learner import Learner
+from learners.learner import Learner, NonFiniteError
 from learners.schedule import IterationPlan
+from learners.telemetry import LearnerTelemetry
 
 
 def resolve_device(requested: str) -> str:
@@ -32,7 +34,9 @@ class LearnerWorker:
         port = cfg.grpc_port + learner_id if cfg.grpc_port else 0
         # The token comes as an argument, not in cfg, so it never lands in config.json or a log.
         self.security = ChannelSecurity.from_config(cfg, token)
-        self.server, self.port = serve(self.learner, cfg.grpc_host, port, self.security)
+        self.telemetry = LearnerTelemetry(cfg, learner_id, self.device)   # its /metrics endpoint (learners/telemetry.py)
+        self.server, self.port = serve(self.learner, cfg.grpc_host, port, self.security,
+                                       interceptors=(self.telemetry.grpc_server_interceptor(),))
         self.clients: list[PeerClient] = []
 
     def address(self) -> str:
@@ -44,11 +48,12 @@ class LearnerWorker:
 
     def info(self) -> dict:
         return {"id": self.id, "device": self.device, "pid": os.getpid(), "host": socket.gethostname(),
-                "address": self.address()}
+                "address": self.address(), "metrics": self.telemetry.endpoint()}
 
     def connect(self, addresses: dict[int, str]) -> None:
         self.clients = [PeerClient(pid, self.id, addr, self.cfg.rpc_timeout_s, self.security)
                         for pid, addr in sorted(addresses.items()) if pid != self.id]
+        self.telemetry.instrument_clients(self.clients)
         for client in self.clients:
             client.wait_ready(self.cfg.rpc_timeout_s)
         self.learner.connect(self.clients)
@@ -57,7 +62,12 @@ class LearnerWorker:
         return self.learner.weights()
 
     def update(self, plan: IterationPlan, *rollouts: Rollout) -> dict:
-        stats = self.learner.update(list(rollouts), plan)
+        started, step_before = time.perf_counter(), self.learner.step
+        try:
+            stats = self.learner.update(list(rollouts), plan)
+        except NonFiniteError:
+            self.telemetry.record_nonfinite()
+            raise
         stats["env_steps"] = sum(r.env_steps for r in rollouts)
         stats["episode_returns"] = np.concatenate([r.episode_returns for r in rollouts]).tolist()
         stats["episode_lengths"] = np.concatenate([r.episode_lengths for r in rollouts]).tolist()
@@ -66,6 +76,7 @@ class LearnerWorker:
         stats["version_lag"] = max(self.learner.step - r.weights_version for r in rollouts)
         stats["actor_pids"] = [r.actor_pid for r in rollouts]
         stats["actor_states"] = [r.actor_state for r in rollouts]
+        self.telemetry.record_update(stats, rollouts, started, step_before)
         return stats
 
     def state(self) -> bytes:
@@ -91,3 +102,4 @@ class LearnerWorker:
             client.close()
         self.server.stop(grace=1.0).wait(5)
         self.learner.close()
+        self.telemetry.close()

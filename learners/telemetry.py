@@ -23,6 +23,7 @@ removed when the run ends cleanly (a crashed run's targets stay, so their `up ==
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -68,6 +69,11 @@ def ports_needed(cfg: TrainConfig) -> int:
 
 def run_id_of(cfg: TrainConfig, run_dir: Path | str) -> str:
     return cfg.run_id or Path(run_dir).resolve().name or "run"
+
+
+def with_run_id(cfg: TrainConfig, run_dir: Path | str) -> TrainConfig:
+    """cfg with `run_id` filled in, so every process of the run labels its metrics alike."""
+    return cfg if cfg.run_id else dataclasses.replace(cfg, run_id=run_id_of(cfg, run_dir))
 
 
 def sd_dir(cfg: TrainConfig, run_dir: Path | str) -> Path:
@@ -423,7 +429,12 @@ class CoordinatorTelemetry(Telemetry):
         self.last_progress = c(m(Gauge, "coordinator_last_progress_timestamp_seconds", "Unix time of the last finished "
                                  "iteration (or of the start)."))
         self.expected = m(Gauge, "coordinator_expected_workers", "Ray actors of each kind the run started.", ("kind",))
+        self.failures = c(m(Counter, "coordinator_recovered_failures_total", "Learner/actor failures the run recovered "
+                            "from by restarting from the latest checkpoint."))
         self.workers: dict[str, str] = {}             # Ray actor id -> kind
+        self._evaluators: dict[int, object] = {}      # learner id -> evaluator handle whose endpoint was asked for
+        self._pending: dict = {}                      # ObjectRef of metrics_endpoint() -> learner id
+        self._failures_seen = 0
         self.live = _LiveWorkers(self)
         self.registry.register(self.live)
         self.endpoints: dict[str, dict] = {}          # instance -> endpoint
@@ -433,28 +444,20 @@ class CoordinatorTelemetry(Telemetry):
     # lifecycle ----------------------------------------------------------------------------
     def attach(self, coordinator) -> None:
         """At the end of Coordinator.start(): serve, gather every process's endpoint, write the targets files."""
-        import ray
-
         cfg = self.cfg
         self.serve()
         self.run_info.info({"env_id": cfg.env_id, "alpha": str(cfg.alpha), "distill_mode": cfg.distill_mode,
                             "sync": cfg.sync, "num_learners": str(cfg.num_learners), "seed": str(cfg.seed)})
         self.iterations_planned.set(cfg.num_iterations)
         self.iteration.set(coordinator.iteration)
-        for i, steps in enumerate(coordinator.env_steps):
-            self._child(self.env_steps, learner_id=i).inc(steps)
-            self._steps_seen[i] = steps
-        actors = [a for group in coordinator.actors for a in group]
-        remote = ray.get([h.metrics_endpoint.remote() for h in actors + coordinator.evaluators])
-        endpoints = [info["metrics"] for info in coordinator.learner_info] + remote
-        kinds = ["learner"] * len(coordinator.learner_info) + ["actor"] * len(actors) + ["evaluator"] * len(coordinator.evaluators)
-        for kind in ("learner", "actor", "evaluator"):
-            self._child(self.expected, kind=kind).set(kinds.count(kind))
-        self.workers = {e["ray_actor_id"]: kind for e, kind in zip(endpoints, kinds) if e.get("ray_actor_id")}
-        self.endpoints = {e["labels"]["instance"]: e for e in [self.endpoint(), *endpoints]}
+        self._count_up(coordinator)
+        self._child(self.expected, kind="learner").set(len(coordinator.learners))
+        self._child(self.expected, kind="actor").set(sum(len(group) for group in coordinator.actors))
+        self._child(self.expected, kind="evaluator").set(len(coordinator.evaluators))
+        self.endpoints = {self.instance: self.endpoint()}
+        self._refresh_endpoints(coordinator, wait_s=120)
         self.last_progress.set_to_current_time()
         self._last_time = time.perf_counter()
-        self.write_targets()
 
     def on_iteration(self, coordinator, record: dict) -> None:
         """After each iteration's record (metrics.jsonl line) is written."""
@@ -463,37 +466,57 @@ class CoordinatorTelemetry(Telemetry):
         self._last_time = now
         self.iteration.set(record["iteration"])
         self.steps_per_second.set(record.get("env_steps_per_second", 0.0))
+        self._count_up(coordinator)
         for entry in record["learners"]:
-            i = entry["id"]
-            steps = coordinator.env_steps[i]
-            self._child(self.env_steps, learner_id=i).inc(max(0, steps - self._steps_seen.get(i, 0)))
-            self._steps_seen[i] = steps
             for gauge, key in ((self.train_return, "train_return"), (self.test_return, "test_return"),
                                (self.gap, "generalization_gap")):
                 if entry.get(key) is not None:
-                    self._child(gauge, learner_id=i).set(entry[key])
+                    self._child(gauge, learner_id=entry["id"]).set(entry[key])
         self.last_progress.set_to_current_time()
-        self._refresh_actors(coordinator)
+        self._refresh_endpoints(coordinator, wait_s=30)
 
-    def _refresh_actors(self, coordinator) -> None:
-        """A restarted rollout actor may serve on a new port: re-read the actors' endpoints (they are idle now)."""
+    def _count_up(self, coordinator) -> None:
+        """Counters follow the coordinator's totals (restored ones included; a rollback never lowers them)."""
+        for i, steps in enumerate(coordinator.env_steps):
+            self._child(self.env_steps, learner_id=i).inc(max(0, steps - self._steps_seen.get(i, 0)))
+            self._steps_seen[i] = max(steps, self._steps_seen.get(i, 0))
+        failures = getattr(coordinator, "failures", 0)
+        self.failures.inc(max(0, failures - self._failures_seen))
+        self._failures_seen = max(failures, self._failures_seen)
+
+    def _refresh_endpoints(self, coordinator, wait_s: float) -> None:
+        """Learners restarted after a failure, rollout actors restarted by Ray and replaced evaluators serve on
+        new ports: re-read the endpoints and rewrite the targets files when one changed. Rollout actors are
+        idle between iterations; an evaluator may be busy, so its endpoint is picked up when it answers."""
         import ray
 
+        if self.cfg.metrics_port < 0:
+            return
+        found = [info["metrics"] for info in coordinator.learner_info if info.get("metrics")]
         actors = [a for group in coordinator.actors for a in group]
-        if self.cfg.metrics_port < 0 or not actors:
-            return
         try:
-            endpoints = ray.get([a.metrics_endpoint.remote() for a in actors], timeout=30)
-        except Exception as err:  # an actor being restarted: try again next iteration
-            log.warning("could not refresh the actors' metrics endpoints: %s", err)
-            return
-        changed = [e for e in endpoints if self.endpoints.get(e["labels"]["instance"], {}).get("address") != e["address"]]
+            found += ray.get([a.metrics_endpoint.remote() for a in actors], timeout=wait_s)
+        except Exception as err:  # an actor in the middle of a restart: try again next iteration
+            log.warning("could not read the rollout actors' metrics endpoints: %s", err)
+        for i, handle in enumerate(coordinator.evaluators):
+            if self._evaluators.get(i) is not handle:
+                self._evaluators[i] = handle
+                self._pending[handle.metrics_endpoint.remote()] = i
+        if self._pending:
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=wait_s if wait_s > 60 else 0)
+            for ref in ready:
+                self._pending.pop(ref)
+                try:
+                    found.append(ray.get(ref))
+                except Exception as err:  # that evaluator died; its replacement reports next time
+                    log.warning("could not read an evaluator's metrics endpoint: %s", err)
+        changed = [e for e in found if e.get("address")
+                   and self.endpoints.get(e["labels"]["instance"], {}).get("address") != e["address"]]
+        for e in changed:
+            self.endpoints[e["labels"]["instance"]] = e
+        self.workers = {e["ray_actor_id"]: e["labels"]["role"] for e in self.endpoints.values() if e.get("ray_actor_id")}
         if changed:
-            for e in changed:
-                self.endpoints[e["labels"]["instance"]] = e
-                if e.get("ray_actor_id"):
-                    self.workers[e["ray_actor_id"]] = "actor"
-            log.info("metrics endpoints changed: %s", ", ".join(f"{e['labels']['instance']} {e['address']}" for e in changed))
+            log.info("metrics endpoints: %s", ", ".join(f"{e['labels']['instance']} {e['address']}" for e in changed))
             self.write_targets()
 
     def close(self, clean: bool = True) -> None:

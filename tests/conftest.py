@@ -5,3 +5,16 @@ from pathlib import Path
 # Keep torch from oversubscribing the 2-core CI machine when several learners share a process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.helpers import FAULT_REPORT
+
+    if not FAULT_REPORT:
+        return
+    terminalreporter.section("fault injection summary")
+    terminalreporter.write_line(f"{'fault':40s} {'injected':>8s} {'survived':>8s} {'data lost':>9s}")
+    for fault, injected, survived, lost in FAULT_REPORT:
+        terminalreporter.write_line(f"{fault:40s} {injected:8d} {survived:8d} {lost:9d}")
+    total = [sum(col) for col in list(zip(*FAULT_REPORT))[1:]]
+    terminalreporter.write_line(f"{'total':40s} {total[0]:8d} {total[1]:8d} {total[2]:9d}")

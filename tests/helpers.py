@@ -113,3 +113,7 @@ def make_certificates(directory, hosts=("127.0.0.1", "localhost")):
     paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
     return paths
+
+
+# (fault, injected, survived, transitions lost) rows filled by tests/test_faults.py, printed by conftest.
+FAULT_REPORT: list[tuple[str, int, int, int]] = []

@@ -83,3 +83,21 @@ def test_cli_rejects_bad_flag_types():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--alpha" in proc.stderr and "invalid float value" in proc.stderr
+
+
+def test_unreachable_ray_address_fails_fast(capsys):
+    start = time.perf_counter()
+    assert main(["train", "--preset", "cartpole", "--ray-address", "127.0.0.1:9"]) == 2
+    assert "nothing answers at 127.0.0.1:9" in capsys.readouterr().err
+    assert time.perf_counter() - start < 30
+
+
+def test_grpc_port_in_use_fails_fast(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["train", "--preset", "cartpole", "--grpc-port", str(port)]) == 2
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err

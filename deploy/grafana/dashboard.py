@@ -1,0 +1,217 @@
+"""Builds the "MDPO training" Grafana dashboard: provisioning/dashboards/mdpo-training.json.
+
+    python deploy/grafana/dashboard.py          # rewrite the JSON after editing PANELS below
+
+The JSON is committed (Grafana provisions it as is); tests/test_monitoring.py checks that it matches
+this script, that every metric its queries name is exported by learners/telemetry.py, and that every
+query returns data from a real Prometheus scraping a real training run.
+
+Queries may use the dashboard variables `$run_id` (multi-select, `.*` for all) and Grafana's
+`$__rate_interval`; nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "provisioning" / "dashboards" / "mdpo-training.json"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+RI = "[$__rate_interval]"
+
+
+def sel(metric: str, extra: str = "") -> str:
+    """metric{run_id=~"$run_id", extra}"""
+    return f'{metric}{{run_id=~"$run_id"{", " + extra if extra else ""}}}'
+
+
+def rate(metric: str, by: str, extra: str = "") -> str:
+    return f"sum by ({by}) (rate({sel(metric, extra)}{RI}))"
+
+
+def quantile(q: float, metric: str, by: str) -> str:
+    return f"histogram_quantile({q}, sum by (le, {by}) (rate({sel(metric + '_bucket')}{RI})))"
+
+
+def mean_of(metric: str, by: str) -> str:
+    """Mean observation over the window, from a histogram's or summary's _sum and _count."""
+    return f"{rate(metric + '_sum', by)} / {rate(metric + '_count', by)}"
+
+
+# (row title, [(panel title, type, unit, description, [(expr, legend)])])
+PANELS: list[tuple[str, list[tuple[str, str, str, str, list[tuple[str, str]]]]]] = [
+    ("Is it learning? Is it generalizing?", [
+        ("Train vs test return per agent", "timeseries", "none",
+         "Train: mean return of the last --return-window training-level episodes. Test: mean return of the latest "
+         "evaluation on unseen levels (num_levels=0).",
+         [(sel("mdpo_coordinator_train_return"), "train · agent {{learner_id}}"),
+          (sel("mdpo_coordinator_test_return"), "test · agent {{learner_id}}")]),
+        ("Generalization gap (train − test)", "timeseries", "none",
+         "Train return minus test return per agent; mutual distillation should keep it small.",
+         [(sel("mdpo_coordinator_generalization_gap"), "agent {{learner_id}}")]),
+        ("Training episodes: mean return and length", "timeseries", "none",
+         "From the rollout actors, over the rate window: mean raw return and mean length of finished episodes.",
+         [(mean_of("mdpo_actor_episode_return", "run_id, learner_id"), "return · agent {{learner_id}}"),
+          (mean_of("mdpo_actor_episode_length_steps", "run_id, learner_id"), "length · agent {{learner_id}}")]),
+    ]),
+    ("Is it fast?", [
+        ("Environment steps per second", "timeseries", "short",
+         "Per agent, from the actors' step counters; and the run's average over all agents since it (re)started.",
+         [(rate("mdpo_actor_env_steps_total", "run_id, learner_id"), "agent {{learner_id}}"),
+          (sel("mdpo_coordinator_env_steps_per_second"), "run average, all agents")]),
+        ("Progress", "stat", "percentunit", "Iterations done out of the iterations planned.",
+         [(f"max by (run_id) ({sel('mdpo_coordinator_iteration')}) / "
+           f"max by (run_id) ({sel('mdpo_coordinator_iterations_planned')})", "{{run_id}}")]),
+        ("Environment steps per agent", "stat", "short", "Training-level environment steps taken by each agent.",
+         [(sel("mdpo_coordinator_env_steps_total"), "agent {{learner_id}}")]),
+        ("Iteration time", "timeseries", "s", "Wall time of one iteration (rollouts, PPO epochs, syncs).",
+         [(quantile(0.5, "mdpo_coordinator_iteration_seconds", "run_id"), "p50"),
+          (quantile(0.9, "mdpo_coordinator_iteration_seconds", "run_id"), "p90")]),
+        ("Learner time per phase", "timeseries", "percentunit",
+         "Share of wall time each learner spends waiting for rollouts, training, and syncing with its peer.",
+         [(rate("mdpo_learner_phase_seconds_sum", "run_id, learner_id, phase"), "agent {{learner_id}} · {{phase}}")]),
+        ("Actors: rollout time and inference share", "timeseries", "s",
+         "p90 wall time of one rollout, and the share of it spent in policy inference (right axis).",
+         [(quantile(0.9, "mdpo_actor_rollout_seconds", "run_id, learner_id"), "rollout p90 · agent {{learner_id}}"),
+          (f"{rate('mdpo_actor_inference_seconds_sum', 'run_id, learner_id')} / "
+           f"{rate('mdpo_actor_rollout_seconds_sum', 'run_id, learner_id')}", "inference share · agent {{learner_id}}")]),
+        ("Samples trained per second", "timeseries", "short", "Samples per second through the PPO epochs.",
+         [(rate("mdpo_learner_samples_trained_total", "run_id, learner_id"), "agent {{learner_id}}")]),
+        ("Weights version lag", "timeseries", "short",
+         "Optimizer steps between the weights an actor collected with and its learner's weights when trained on.",
+         [(f"max by (run_id, learner_id, actor_id) ({sel('mdpo_actor_weights_version_lag')})",
+           "actor {{learner_id}}/{{actor_id}}")]),
+    ]),
+    ("Losses", [
+        ("Policy and value loss", "timeseries", "none", "PPO clipped policy loss and value loss, iteration means.",
+         [(sel("mdpo_learner_policy_loss"), "policy · agent {{learner_id}}"),
+          (sel("mdpo_learner_value_loss"), "value · agent {{learner_id}}")]),
+        ("Entropy", "timeseries", "none", "Policy entropy (nats); log(15) = 2.71 is uniform over Procgen's actions.",
+         [(sel("mdpo_learner_entropy"), "agent {{learner_id}}")]),
+        ("Approx KL to old policy and clip fraction", "timeseries", "none",
+         "How far each PPO update moved the policy from the one that collected the data.",
+         [(sel("mdpo_learner_approx_kl"), "approx KL · agent {{learner_id}}"),
+          (sel("mdpo_learner_clip_fraction"), "clip fraction · agent {{learner_id}}")]),
+        ("Explained variance", "timeseries", "none", "Of the returns by the value head (1 is perfect).",
+         [(sel("mdpo_learner_explained_variance"), "agent {{learner_id}}")]),
+        ("Gradient norm (before clipping)", "timeseries", "none", "Mean over the iteration's minibatches.",
+         [(sel("mdpo_learner_grad_norm"), "agent {{learner_id}}")]),
+        ("Learning rate", "timeseries", "none", "Adam learning rate (annealed with --anneal-lr).",
+         [(sel("mdpo_learner_learning_rate"), "agent {{learner_id}}")]),
+    ]),
+    ("Distillation", [
+        ("KL to peer", "timeseries", "none", "KL(peer || self) in nats: the distillation term before alpha.",
+         [(sel("mdpo_learner_kl_peer"), "agent {{learner_id}}")]),
+        ("Sync latency", "timeseries", "s", "Time of one sync: states to the peer, its logits back.",
+         [(quantile(0.5, "mdpo_distill_sync_seconds", "run_id, learner_id"), "p50 · agent {{learner_id}}"),
+          (quantile(0.99, "mdpo_distill_sync_seconds", "run_id, learner_id"), "p99 · agent {{learner_id}}")]),
+        ("Sync traffic", "timeseries", "Bps", "Distillation bytes per second sent to and received from peers.",
+         [(rate("mdpo_distill_sent_bytes_total", "run_id, learner_id"), "sent · agent {{learner_id}}"),
+          (rate("mdpo_distill_received_bytes_total", "run_id, learner_id"), "received · agent {{learner_id}}")]),
+        ("Peer logits staleness", "timeseries", "short",
+         "Optimizer steps since the peer logits used as targets were made (0 with --sync minibatch).",
+         [(sel("mdpo_distill_staleness_steps"), "mean · agent {{learner_id}}"),
+          (sel("mdpo_distill_staleness_max_steps"), "max · agent {{learner_id}}")]),
+        ("gRPC calls by status code", "timeseries", "reqps",
+         "Calls per second on the learners' Distill/health services, server and client side, by final status.",
+         [(rate("mdpo_grpc_server_handled_total", "run_id, grpc_method, grpc_code"), "server {{grpc_method}} {{grpc_code}}"),
+          (rate("mdpo_grpc_client_handled_total", "run_id, grpc_method, grpc_code"), "client {{grpc_method}} {{grpc_code}}")]),
+    ]),
+    ("Is anything broken?", [
+        ("Processes up", "timeseries", "short", "Scrape targets answering, by role (Prometheus' `up`).",
+         [(f"sum by (run_id, role) ({sel('up')})", "{{role}}")]),
+        ("Live workers (Ray GCS) vs started", "timeseries", "short",
+         "Ray actors of each kind alive according to Ray, against the number the run started.",
+         [(sel("mdpo_coordinator_live_workers"), "live {{kind}}"),
+          (sel("mdpo_coordinator_expected_workers"), "started {{kind}}")]),
+        ("Seconds since last progress", "stat", "s", "Alert MDPONoTrainingProgress fires above 300 s.",
+         [(f"time() - max by (run_id) ({sel('mdpo_coordinator_last_progress_timestamp_seconds')})", "{{run_id}}")]),
+        ("Restarts and recovered failures", "timeseries", "short",
+         "Ray restarts of each rollout actor, and failures the coordinator recovered from via a checkpoint.",
+         [(f"max by (run_id, learner_id, actor_id) ({sel('mdpo_actor_restarts_total')})",
+           "actor {{learner_id}}/{{actor_id}} restarts"),
+          (sel("mdpo_coordinator_recovered_failures_total"), "recovered failures")]),
+        ("Non-finite updates", "timeseries", "short", "Updates aborted on a NaN/inf loss, gradient or peer logits.",
+         [(f"sum by (run_id, learner_id) ({sel('mdpo_learner_nonfinite_errors_total')})", "agent {{learner_id}}")]),
+        ("Memory", "timeseries", "bytes", "Learners: memory on the training device. Every process: resident memory.",
+         [(sel("mdpo_learner_device_memory_bytes"), "learner {{learner_id}} ({{device}})"),
+          (sel("process_resident_memory_bytes"), "RSS {{instance}}")]),
+    ]),
+]
+
+
+def _panel(pid: int, title: str, kind: str, unit: str, description: str, targets, grid: dict) -> dict:
+    panel = {
+        "id": pid, "type": kind, "title": title, "description": description, "datasource": DS, "gridPos": grid,
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [{"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend,
+                     "range": True, "instant": False} for i, (expr, legend) in enumerate(targets)],
+    }
+    if kind == "timeseries":
+        panel["options"] = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                            "tooltip": {"mode": "multi", "sort": "none"}}
+        if title.startswith("Actors: rollout time"):   # the share goes on its own axis
+            panel["fieldConfig"]["overrides"] = [{
+                "matcher": {"id": "byRegexp", "options": "inference share.*"},
+                "properties": [{"id": "custom.axisPlacement", "value": "right"}, {"id": "unit", "value": "percentunit"}]}]
+    else:
+        panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                            "colorMode": "value", "graphMode": "area", "textMode": "auto"}
+        if title == "Seconds since last progress":
+            panel["fieldConfig"]["defaults"]["thresholds"] = {"mode": "absolute", "steps": [
+                {"color": "green", "value": None}, {"color": "orange", "value": 120}, {"color": "red", "value": 300}]}
+    return panel
+
+
+def build() -> dict:
+    panels, pid, y = [], 1, 0
+    for row_title, row in PANELS:
+        panels.append({"id": pid, "type": "row", "title": row_title, "collapsed": False, "panels": [],
+                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}})
+        pid, y, x = pid + 1, y + 1, 0
+        for title, kind, unit, description, targets in row:
+            w, h = (6, 5) if kind == "stat" else (8, 8)
+            if x + w > 24:
+                x, y = 0, y + 8
+            panels.append(_panel(pid, title, kind, unit, description, targets, {"h": h, "w": w, "x": x, "y": y}))
+            pid, x = pid + 1, x + w
+        y += 8
+    return {
+        "title": "MDPO training",
+        "uid": "mdpo-training",
+        "description": "Is it learning, is it generalizing, is it fast, is anything broken? (mdpo, learners/telemetry.py)",
+        "tags": ["mdpo", "reinforcement-learning"],
+        "timezone": "browser",
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "schemaVersion": 39,
+        "version": 1,
+        "links": [],
+        "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                                  "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
+                                  "name": "Annotations & Alerts", "type": "dashboard"}]},
+        "templating": {"list": [
+            {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
+             "current": {"selected": True, "text": "Prometheus", "value": "mdpo-prometheus"},
+             "hide": 0, "includeAll": False, "multi": False, "options": [], "refresh": 1, "regex": ""},
+            {"name": "run_id", "label": "Run", "type": "query", "datasource": DS,
+             "definition": "label_values(mdpo_coordinator_iteration, run_id)",
+             "query": {"query": "label_values(mdpo_coordinator_iteration, run_id)", "refId": "run_id"},
+             "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+             "includeAll": True, "allValue": ".*", "multi": True, "refresh": 2, "sort": 1, "hide": 0,
+             "options": [], "regex": ""},
+        ]},
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    OUT.write_text(render())
+    print(f"wrote {OUT}", file=sys.stderr)

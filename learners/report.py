@@ -1,0 +1,255 @@
+"""`mdpo report RUNS_DIR`: the study's figures and tables from run directories.
+
+Definitions (every number is recomputable from the run directories):
+- a run's final train/test return and generalization gap: summary.json's per-agent values, averaged over the
+  run's agents that have one (see learners/runs.py);
+- a run's curves: per iteration of metrics.jsonl, the mean over agents of `train_return` and `test_return`
+  (the latest finished evaluation), at that record's `env_steps` (per agent);
+- per game and method: mean and sample standard deviation (ddof 1; empty for one seed) over the runs (seeds);
+- Procgen's normalized score (learners/procgen_scores.py) of the mean final test return, and its mean over
+  the games of each method;
+- robustness (after `mdpo analyze`): a run's total-variation distance per rendering variant and the agreement
+  between its agents, averaged over agents, then mean and std over seeds.
+Only completed runs count unless include_incomplete is set; excluded runs are listed in report.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from learners.config import ConfigError
+from learners.procgen_scores import normalized_score, return_range
+from learners.report_plots import plot_bars, plot_curves, plot_tsne
+from learners.runs import ANALYSIS_DIR, Run, load_runs, mean_or_none
+
+FINAL_COLUMNS = ["game", "method", "seeds", "final_test_mean", "final_test_std", "final_train_mean", "final_train_std",
+                 "generalization_gap_mean", "generalization_gap_std", "normalized_test_mean", "normalized_test_std"]
+CURVE_COLUMNS = ["game", "method", "split", "env_steps", "mean", "std", "n"]
+
+
+@dataclass
+class ReportConfig:
+    runs_dir: Path
+    """Directory holding run directories (searched recursively)."""
+    out_dir: Path | None = None
+    """Where the report goes (default RUNS_DIR/report)."""
+    include_incomplete: bool = False
+    """Also count runs whose summary.json does not say completed."""
+
+    def validate(self) -> "ReportConfig":
+        self.runs_dir = Path(self.runs_dir)
+        if not self.runs_dir.is_dir():
+            raise ConfigError(f"RUNS_DIR {self.runs_dir} is not a directory")
+        self.out_dir = Path(self.out_dir) if self.out_dir else self.runs_dir / "report"
+        return self
+
+
+def stats(values) -> tuple[float | None, float | None, int]:
+    """(mean, sample std or None below two values, count) of the values that are not None."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None, None, 0
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return mean, std, len(xs)
+
+
+def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.game, run.method)].append(run)
+    modes: dict[str, set] = defaultdict(set)
+    for (game, _), members in groups.items():
+        modes[game] |= {r.config.distribution_mode for r in members}
+    mixed = {g: sorted(m) for g, m in modes.items() if len(m) > 1}
+    if mixed:
+        raise ConfigError(f"runs of one game use different distribution modes {mixed}; report one mode at a time")
+    return {key: sorted(groups[key], key=lambda r: (r.seed, str(r.path))) for key in sorted(groups)}
+
+
+def final_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
+    rows = []
+    for (game, method), runs in groups.items():
+        test, test_std, _ = stats(r.final("final_test_return") for r in runs)
+        train, train_std, _ = stats(r.final("final_train_return") for r in runs)
+        gap, gap_std, _ = stats(r.final("generalization_gap") for r in runs)
+        mode = runs[0].config.distribution_mode
+        bounds = return_range(game, mode)
+        rows.append({"game": game, "method": method, "seeds": len(runs), "final_test_mean": test,
+                     "final_test_std": test_std, "final_train_mean": train, "final_train_std": train_std,
+                     "generalization_gap_mean": gap, "generalization_gap_std": gap_std,
+                     "normalized_test_mean": normalized_score(game, mode, test),
+                     "normalized_test_std": None if bounds is None or test_std is None
+                     else test_std / (bounds[1] - bounds[0])})
+    return rows
+
+
+def normalized_rows(rows: list[dict]) -> list[dict]:
+    """Per method: mean normalized test score over the games that have Procgen constants."""
+    by_method: dict[str, list] = defaultdict(list)
+    for row in rows:
+        if row["normalized_test_mean"] is not None:
+            by_method[row["method"]].append(row["normalized_test_mean"])
+    return [{"method": m, "games": len(v), "mean_normalized_score": sum(v) / len(v)} for m, v in sorted(by_method.items())]
+
+
+def run_curve(run: Run, split: str) -> dict[int, float]:
+    """env_steps -> mean over agents of `<split>_return` at that iteration (iterations without one left out)."""
+    points = {}
+    for record in run.records:
+        value = mean_or_none(entry.get(f"{split}_return") for entry in record["learners"])
+        if value is not None:
+            points[int(record["env_steps"])] = value
+    return points
+
+
+def curve_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
+    rows = []
+    for (game, method), runs in groups.items():
+        for split in ("train", "test"):
+            per_step: dict[int, list] = defaultdict(list)
+            for run in runs:
+                for step, value in run_curve(run, split).items():
+                    per_step[step].append(value)
+            for step in sorted(per_step):
+                mean, std, n = stats(per_step[step])
+                rows.append({"game": game, "method": method, "split": split, "env_steps": step,
+                             "mean": mean, "std": std, "n": n})
+    return rows
+
+
+def robustness_rows(groups: dict[tuple[str, str], list[Run]]) -> tuple[list[dict], list[str]]:
+    """Per game and method: TV per rendering variant and agent agreement, over the analysed runs."""
+    variants = sorted({v for runs in groups.values() for r in runs if r.analysis for v in r.analysis["robustness_tv"]})
+    rows = []
+    for (game, method), runs in groups.items():
+        analysed = [r for r in runs if r.analysis]
+        if not analysed:
+            continue
+        row = {"game": game, "method": method, "seeds": len(analysed)}
+        for v in variants:
+            row[f"tv_{v}_mean"], row[f"tv_{v}_std"], _ = stats(
+                mean_or_none(r.analysis["robustness_tv"][v]) if v in r.analysis["robustness_tv"] else None
+                for r in analysed)
+        row["agreement_tv_mean"], row["agreement_tv_std"], _ = stats(r.analysis["agreement_tv"] for r in analysed)
+        rows.append(row)
+    return rows, variants
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def _cell(value) -> str:
+    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell(row[c]) for c in columns])
+    return path
+
+
+def _pm(mean, std, digits: int = 2) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def markdown_table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines]) + "\n"
+
+
+def final_markdown(rows: list[dict], norm: list[dict]) -> str:
+    table = markdown_table(
+        ["game", "method", "seeds", "final test return", "final train return", "generalization gap", "normalized test"],
+        [[r["game"], r["method"], str(r["seeds"]), _pm(r["final_test_mean"], r["final_test_std"]),
+          _pm(r["final_train_mean"], r["final_train_std"]),
+          _pm(r["generalization_gap_mean"], r["generalization_gap_std"]),
+          _pm(r["normalized_test_mean"], r["normalized_test_std"], 3)] for r in rows])
+    if norm:
+        table += "\n" + markdown_table(["method", "games", "mean normalized test score"],
+                                       [[n["method"], str(n["games"]), f"{n['mean_normalized_score']:.3f}"] for n in norm])
+    return table
+
+
+def robustness_markdown(rows: list[dict], variants: list[str]) -> str:
+    return markdown_table(
+        ["game", "method", "seeds"] + [f"TV {v}" for v in variants] + ["agreement TV (agent A vs B)"],
+        [[r["game"], r["method"], str(r["seeds"])] + [_pm(r[f"tv_{v}_mean"], r[f"tv_{v}_std"], 3) for v in variants]
+         + [_pm(r["agreement_tv_mean"], r["agreement_tv_std"], 3)] for r in rows])
+
+
+def _tsne_figure(game: str, groups: dict[tuple[str, str], list[Run]], out_dir: Path) -> Path | None:
+    """MDPO agents vs PPO agents: per method, the agents of its lowest-seed analysed run."""
+    import numpy as np
+
+    panels = []
+    for (g, method), runs in groups.items():
+        analysed = [r for r in runs if g == game and r.analysis and (r.path / ANALYSIS_DIR / "tsne.npz").exists()]
+        if analysed:
+            run = analysed[0]
+            data = np.load(run.path / ANALYSIS_DIR / "tsne.npz")
+            for agent, coords in enumerate(data["coords"]):
+                panels.append((f"{method} seed {run.seed} agent {agent}", coords, data["rendering"],
+                               [str(x) for x in data["renderings"]]))
+    if not panels:
+        return None
+    return plot_tsne(panels, out_dir / f"tsne-{game}.png", f"{game}: t-SNE of encoder features on test-level states")
+
+
+def build_report(cfg: ReportConfig) -> dict[str, Path]:
+    """Write the report; returns name -> path of everything written."""
+    cfg.validate()
+    runs = load_runs(cfg.runs_dir)
+    included = [r for r in runs if r.completed or cfg.include_incomplete]
+    excluded = [r for r in runs if r not in included]
+    if not included:
+        raise ConfigError(f"{cfg.runs_dir}: none of the {len(runs)} runs has completed; finish them "
+                          "(`mdpo sweep` resumes them) or pass --include-incomplete")
+    groups = group_runs(included)
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    rows, curves = final_rows(groups), curve_rows(groups)
+    norm = normalized_rows(rows)
+    robust, variants = robustness_rows(groups)
+    paths = {"final_csv": write_csv(out / "final_returns.csv", rows, FINAL_COLUMNS),
+             "curves_csv": write_csv(out / "curves.csv", curves, CURVE_COLUMNS),
+             "normalized_csv": write_csv(out / "normalized_scores.csv", norm, ["method", "games", "mean_normalized_score"])}
+    (out / "final_returns.md").write_text(final_markdown(rows, norm))
+    paths["final_md"] = out / "final_returns.md"
+    paths |= plot_curves(curves, out / "returns")
+    paths |= plot_bars(rows, "generalization_gap", "train minus test return", "Generalization gap (final)",
+                       out / "generalization_gap")
+    md = [f"# MDPO generalization report\n",
+          f"{len(included)} runs from `{cfg.runs_dir}`: games {', '.join(sorted({r.game for r in included}))}; "
+          f"methods {', '.join(sorted({r.method for r in included}))}; "
+          f"seeds {', '.join(str(s) for s in sorted({r.seed for r in included}))}.\n"]
+    if excluded:
+        md.append("Excluded (not completed): " + ", ".join(f"`{r.path}`" for r in excluded) + "\n")
+    md += ["## Returns over training (mean ± std over seeds)\n", "![returns](returns.png)\n",
+           "## Final returns, normalized score, generalization gap\n", final_markdown(rows, norm),
+           "\n![generalization gap](generalization_gap.png)\n"]
+    if robust:
+        paths["robustness_csv"] = write_csv(out / "robustness.csv", robust, list(robust[0]))
+        (out / "robustness.md").write_text(robustness_markdown(robust, variants))
+        paths["robustness_md"] = out / "robustness.md"
+        paths |= plot_bars(robust, [f"tv_{v}" for v in variants] + ["agreement_tv"], "total-variation distance",
+                           "Robustness (TV across renderings) and agent agreement", out / "robustness")
+        md += ["## Robustness to rendering and agreement between agents\n",
+               "Mean total-variation distance between a policy's action distributions on the same test-level states "
+               "rendered differently (lower is more robust), and between the two agents' distributions.\n",
+               robustness_markdown(robust, variants), "\n![robustness](robustness.png)\n"]
+        for game in sorted({g for g, _ in groups}):
+            tsne = _tsne_figure(game, groups, out)
+            if tsne:
+                paths[f"tsne_{game}"] = tsne
+                md.append(f"![t-SNE {game}]({tsne.name})\n")
+    paths["markdown"] = out / "report.md"
+    paths["markdown"].write_text("\n".join(md))
+    return paths

@@ -1,0 +1,108 @@
+"""Reading run directories written by `mdpo train`: config, per-iteration metrics, summary, sweep cell, analysis.
+
+A run's game is its Procgen game (or Gymnasium id); its method label is the one the sweep recorded in
+`sweep-cell.json`, else `ppo` for alpha 0 and `mdpo` otherwise. A run's value of a per-agent quantity is the
+mean over its agents that have one (None if none has).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from learners.config import ConfigError, TrainConfig
+
+CELL_FILE = "sweep-cell.json"
+ANALYSIS_DIR = "analysis"
+ANALYSIS_FILE = "robustness.json"
+
+
+def game_name(env_id: str) -> str:
+    """`coinrun` for any Procgen id of coinrun; other ids with path-unsafe characters replaced."""
+    from actors.envs import is_procgen, procgen_game
+
+    return procgen_game(env_id) if is_procgen(env_id) else env_id.replace(":", "-").replace("/", "-")
+
+
+def method_label(alpha: float) -> str:
+    return "ppo" if alpha == 0 else "mdpo"
+
+
+def mean_or_none(values) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+
+
+@dataclass
+class Run:
+    path: Path
+    config: TrainConfig
+    records: list[dict]
+    summary: dict | None
+    cell: dict | None
+    analysis: dict | None
+
+    @property
+    def game(self) -> str:
+        return game_name(self.config.env_id)
+
+    @property
+    def method(self) -> str:
+        return self.cell["label"] if self.cell else method_label(self.config.alpha)
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def completed(self) -> bool:
+        return bool(self.summary and self.summary.get("completed") is True)
+
+    def final(self, key: str) -> float | None:
+        """Mean over agents of the summary's `final_train_return`, `final_test_return` or `generalization_gap`."""
+        if not self.summary:
+            return None
+        return mean_or_none(entry.get(key) for entry in self.summary["learners"])
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """`root` itself if it is a run directory, else every run directory below it (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: no such directory")
+    if is_run_dir(root):
+        return [root]
+    return sorted(p.parent for p in root.rglob("config.json") if "checkpoints" not in p.parts)
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    try:
+        config = TrainConfig.load(path / "config.json")
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"{path / 'config.json'}: cannot load the run's config ({err})") from None
+    metrics = path / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    return Run(path, config, records, _read_json(path / "summary.json"), _read_json(path / CELL_FILE),
+               _read_json(path / ANALYSIS_DIR / ANALYSIS_FILE))
+
+
+def load_runs(root: Path) -> list[Run]:
+    dirs = find_run_dirs(root)
+    if not dirs:
+        raise ConfigError(f"{root}: no run directories (directories with a config.json) found")
+    return [load_run(d) for d in dirs]

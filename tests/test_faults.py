@@ -1,0 +1,204 @@
+"""Fault injection into real runs (CartPole through the full distributed pipeline on a local Ray).
+
+Each test appends a row to FAULT_REPORT; conftest prints the table (faults injected, survived, data lost).
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from learners.config import TrainConfig
+from learners.learner import Learner, NonFiniteError
+from learners.schedule import IterationPlan
+from tests.helpers import FAULT_REPORT, synthetic_rollout
+
+BATCH = 1024          # cartpole preset: 8 envs x 128 steps
+
+
+def start(run_dir: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "learners.cli", "train", "--preset", "cartpole", "--eval-every", "0",
+           "--run-dir", str(run_dir), "--progress", "false", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def iterations_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited early ({proc.returncode}) waiting for {what}:\n{proc.stdout.read()[-5000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ray_workers(kind: str, session: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(f"ray::{kind}" in part for part in (p.info["cmdline"] or [])) and os.getsid(p.pid) == session:
+                found.append(p)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return found
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        cleanup(proc)
+    return out
+
+
+def cleanup(proc: subprocess.Popen) -> None:
+    """Kill whatever the run left in its session (after a driver SIGKILL, Ray's own processes)."""
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid:
+                p.kill()
+        except (psutil.Error, ProcessLookupError):
+            pass
+
+
+def check_exact_accounting(run_dir: Path, iterations: int) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["completed"] and summary["iterations"] == iterations
+    assert summary["env_steps"]["per_agent"] == [iterations * BATCH] * 2
+    assert [r["iteration"] for r in log] == list(range(1, iterations + 1)), "an iteration was lost or logged twice"
+    assert [r["env_steps"] for r in log] == [BATCH * i for i in range(1, iterations + 1)]
+    return summary
+
+
+def transitions_lost_or_doubled(summary: dict, iterations: int) -> int:
+    return abs(2 * iterations * BATCH - summary["env_steps"]["total"])
+
+
+pytestmark_slow = pytest.mark.slow
+
+
+@pytestmark_slow
+def test_rollout_actor_killed_mid_collection_is_restarted(tmp_path):
+    run = tmp_path / "actor"
+    # long rollouts (2048 steps/env) so that the kill lands inside `collect`
+    proc = start(run, "--total-steps", str(8 * BATCH), "--num-envs", "2", "--num-steps", "512", "--num-minibatches", "4")
+    try:
+        wait_for(lambda: iterations_logged(run) >= 2, 240, proc, "2 iterations")
+        victims = ray_workers("RolloutWorker", proc.pid)
+        assert victims, "no rollout actor process found"
+        victims[0].send_signal(signal.SIGKILL)
+        out = finish(proc)
+    finally:
+        cleanup(proc)
+    assert proc.returncode == 0, out[-5000:]
+    summary = check_exact_accounting(run, 8)
+    assert summary["actor_restarts"] >= 1, summary
+    assert "was restarted" in out
+    FAULT_REPORT.append(("rollout actor SIGKILL", 1, int(summary["completed"]), transitions_lost_or_doubled(summary, 8)))
+
+
+@pytestmark_slow
+def test_learner_killed_mid_run_is_restarted_from_checkpoint(tmp_path):
+    run = tmp_path / "learner"
+    proc = start(run, "--total-steps", str(10 * BATCH), "--checkpoint-every", "2")
+    try:
+        wait_for(lambda: iterations_logged(run) >= 3, 240, proc, "3 iterations")
+        victims = ray_workers("LearnerWorker", proc.pid)
+        assert len(victims) == 2
+        victims[1].send_signal(signal.SIGKILL)
+        out = finish(proc)
+    finally:
+        cleanup(proc)
+    assert proc.returncode == 0, out[-5000:]
+    summary = check_exact_accounting(run, 10)
+    assert summary["failures_recovered"] == 1
+    assert "restarting learners from the latest checkpoint" in out
+    FAULT_REPORT.append(("learner SIGKILL", 1, int(summary["completed"]), transitions_lost_or_doubled(summary, 10)))
+
+
+@pytestmark_slow
+def test_driver_killed_then_resumed_from_last_good_checkpoint(tmp_path):
+    run = tmp_path / "driver"
+    proc = start(run, "--total-steps", str(12 * BATCH), "--checkpoint-every", "2")
+    try:
+        wait_for(lambda: (run / "checkpoints" / "ckpt-000004" / "manifest.json").exists(), 240, proc, "checkpoint 4")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        cleanup(proc)
+    newest = sorted((run / "checkpoints").glob("ckpt-*"))[-1]
+    damaged = newest / "learner-0.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])          # a torn write
+    proc2 = subprocess.Popen([sys.executable, "-m", "learners.cli", "train", "--resume", str(run), "--progress", "false"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = finish(proc2)
+    assert proc2.returncode == 0, out[-5000:]
+    assert f"{damaged}: checksum mismatch" in out                    # names the broken file
+    summary = check_exact_accounting(run, 12)
+    FAULT_REPORT.append(("driver SIGKILL + torn checkpoint", 2, 2 * int(summary["completed"]),
+                         transitions_lost_or_doubled(summary, 12)))
+
+
+@pytestmark_slow
+def test_sigterm_checkpoints_stops_everything_and_frees_ports(tmp_path):
+    run = tmp_path / "term"
+    proc = start(run, "--total-steps", str(40 * BATCH), "--checkpoint-every", "100")
+    try:
+        wait_for(lambda: iterations_logged(run) >= 2, 240, proc, "2 iterations")
+        proc.send_signal(signal.SIGTERM)
+        out = finish(proc, timeout=120)
+    finally:
+        cleanup(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-5000:]
+    done = iterations_logged(run)
+    assert (run / "checkpoints" / f"ckpt-{done:06d}" / "manifest.json").exists()
+    ports = [int(p) for p in re.findall(r"learner \d: gRPC 127\.0\.0\.1:(\d+)", out)]
+    assert len(ports) == 2
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))                          # released
+    time.sleep(2)
+    leftovers = [p for p in psutil.process_iter() if _sid(p) == proc.pid]
+    assert not leftovers, [p.cmdline() for p in leftovers]
+    assert f"mdpo train --resume {run}" in out
+    checkpoint_steps = json.loads((run / "checkpoints" / f"ckpt-{done:06d}" / "state.json").read_text())["env_steps"]
+    FAULT_REPORT.append(("SIGTERM (graceful stop)", 1, 1, abs(2 * done * BATCH - sum(checkpoint_steps))))
+
+
+def _sid(p):
+    try:
+        return os.getsid(p.pid)
+    except (ProcessLookupError, psutil.Error):
+        return None
+
+
+def test_non_finite_loss_aborts_before_the_optimizer_step():
+    cfg = TrainConfig(env_id="CartPole-v1", alpha=0.0, num_envs=4, num_steps=8, num_minibatches=2, update_epochs=1)
+    learner = Learner(cfg, 0, (4,), "float32", 2)
+    before = {k: v.clone() for k, v in learner.agent.state_dict().items()}
+    rollout = synthetic_rollout(0, (4,), "float32", 2, 8, 4, seed=0)
+    rollout.rewards[3, 1] = np.nan
+    plan = IterationPlan(0, 1, cfg.batch_size, 2, 1, "minibatch", False, 1e-3)
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        learner.update([rollout], plan)
+    assert learner.step == 0
+    for k, v in learner.agent.state_dict().items():
+        assert torch.equal(v, before[k])
+    FAULT_REPORT.append(("non-finite loss (update aborted, weights kept)", 1, 1, 0))
