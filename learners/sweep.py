@@ -202,6 +202,8 @@ def expand(sweep: SweepConfig) -> list[Cell]:
                       "env_id": game, "seed": seed, "run_dir": str(run_dir), "progress": False}
             if "run_id" in _FIELDS:
                 values["run_id"] = name.replace("/", "-")
+            if "metrics_sd_dir" in _FIELDS and "metrics_sd_dir" not in sweep.overrides:
+                values["metrics_sd_dir"] = str(sweep.runs_dir / "prometheus")   # one file_sd folder per sweep
             try:
                 config = TrainConfig(**values).validate()
             except ConfigError as err:

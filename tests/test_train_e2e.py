@@ -1,6 +1,8 @@
 """End to end through the CLI: Ray actors, both learners, gRPC and the coordinator (embedded local Ray)."""
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def mdpo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def mdpo(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "learners.cli", *args, "--progress", "false"],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return proc
 
@@ -23,7 +25,12 @@ def records(run_dir: Path) -> list[dict]:
 
 def test_cartpole_mutual_distillation_learns(tmp_path):
     run = tmp_path / "cartpole"
-    mdpo("train", "--preset", "cartpole", "--run-dir", str(run))
+    token = f"tok-{secrets.token_hex(8)}"     # the learners' channel requires it on every call
+    proc = mdpo("train", "--preset", "cartpole", "--run-dir", str(run), env={"MDPO_GRPC_TOKEN": token})
+    assert token not in proc.stdout + proc.stderr
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), f"token leaked into {path}"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] and summary["alpha"] == 1.0 and summary["distill_mode"] == "detached"
     assert summary["syncs"] > 0 and summary["sync_bytes_sent"] > 0
