@@ -7,7 +7,9 @@ before reward normalisation and clipping.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import importlib
 import re
 from dataclasses import dataclass
@@ -133,9 +135,10 @@ class ProcgenVectorEnv(VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
 
     def __init__(self, env_name: str, num_envs: int, *, num_levels: int = 500, start_level: int = 0,
-                 distribution_mode: str = "hard", rand_seed: int | None = None):
+                 distribution_mode: str = "hard", rand_seed: int | None = None, num_threads: int = 4):
         validate_env(env_name, distribution_mode)
         self.levels = ProcgenLevels(procgen_game(env_name), num_levels, start_level, distribution_mode)
+        self.num_threads = num_threads   # procgen's stepping threads (its own default is 4)
         self.num_envs = num_envs
         self.single_observation_space = Box(0, 255, (64, 64, 3), np.uint8)
         self.single_action_space = Discrete(15)
@@ -145,14 +148,17 @@ class ProcgenVectorEnv(VectorEnv):
         self._stepped = False
 
     def _make_gym3(self, rand_seed: int | None) -> procgen.ProcgenGym3Env:
-        import procgen  # importing procgen also imports the legacy `gym` (it registers ids there); keep it lazy
+        # Importing procgen also imports the legacy `gym` (it registers ids there), which prints an
+        # "unmaintained" banner from every process; our code never uses gym, so keep the import lazy and quiet.
+        with contextlib.redirect_stderr(io.StringIO()):
+            import procgen
 
         lv = self.levels
         # Exploration mode pins num_levels/start_level itself and asserts that they are not passed.
         level_kwargs = {} if lv.distribution_mode == "exploration" else {
             "num_levels": lv.num_levels, "start_level": lv.start_level}
         return procgen.ProcgenGym3Env(num=self.num_envs, env_name=lv.game, distribution_mode=lv.distribution_mode,
-                                      rand_seed=rand_seed, **level_kwargs)
+                                      rand_seed=rand_seed, num_threads=self.num_threads, **level_kwargs)
 
     def _observe(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         reward, obs, first = self._gym3.observe()
@@ -191,12 +197,13 @@ class ProcgenVectorEnv(VectorEnv):
 
 def make_vector_env(env_id: str, num_envs: int, seed: int, *, num_levels: int = 500, start_level: int = 0,
                     distribution_mode: str = "hard", gamma: float = 0.999, normalize_reward: bool = True,
-                    clip_reward: float | None = 10.0) -> VectorEnv:
+                    clip_reward: float | None = 10.0, procgen_threads: int = 4) -> VectorEnv:
     """A SAME_STEP-autoreset vector env with raw-reward episode stats, then optional reward normalising/clipping.
 
     Procgen ids become a ProcgenVectorEnv (seeded with `seed` at construction); any other registered Gymnasium
     id a synchronous gymnasium vector env, for which num_levels/start_level/distribution_mode are ignored.
-    The caller still resets (with `seed` for reproducible runs).
+    The caller still resets (with `seed` for reproducible runs). `procgen_threads` caps the threads Procgen steps
+    its envs on (pin it to the process's CPU share so processes sharing a machine do not oversubscribe it).
     """
     validate_env(env_id, distribution_mode)
     if num_envs < 1:
@@ -205,7 +212,8 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, *, num_levels: int = 
         raise ValueError(f"clip_reward must be > 0 (or None to disable clipping), got {clip_reward}.")
     if is_procgen(env_id):
         env: VectorEnv = ProcgenVectorEnv(env_id, num_envs, num_levels=num_levels, start_level=start_level,
-                                          distribution_mode=distribution_mode, rand_seed=seed)
+                                          distribution_mode=distribution_mode, rand_seed=seed,
+                                          num_threads=procgen_threads)
     else:
         env = gymnasium.make_vec(env_id, num_envs, vectorization_mode="sync",
                                  vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP})
