@@ -1,8 +1,9 @@
 """Write deploy/constraints.txt: an exact pin for every package `mdpo` needs at run time.
 
-The images install these pins (`pip install -r deploy/constraints.txt`, then the project with
-`--no-deps`), so a build months from now gets the versions the tests ran with. Regenerate from an
-environment where `pip install -e .` has just been run and the tests pass:
+It walks pyproject.toml's dependencies through the installed packages' metadata. The images install
+these pins (`pip install -r deploy/constraints.txt`, then the project with `--no-deps`), so a build
+months from now gets the versions the tests ran with. Regenerate from an environment where
+`pip install -e .` has just been run and the tests pass:
 
     .venv/bin/python deploy/docker/pin_constraints.py > deploy/constraints.txt
 
@@ -16,18 +17,27 @@ from __future__ import annotations
 import importlib.metadata as md
 import re
 import sys
+import tomllib
+from pathlib import Path
 
 from packaging.requirements import Requirement
 
 PROJECT = "mdpo"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure(project: str = PROJECT) -> dict[str, tuple[str, str]]:
-    """canonical name -> (name, installed version) of every run-time dependency of `project`, recursively."""
+def project_requirements() -> list[Requirement]:
+    """The run-time dependencies in pyproject.toml (the source of truth, even before a reinstall)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return [Requirement(text) for text in pyproject["project"]["dependencies"]]
+
+
+def closure() -> dict[str, tuple[str, str]]:
+    """canonical name -> (name, installed version) of every run-time dependency, recursively."""
     found: dict[str, tuple[str, str]] = {}
     extras_seen: dict[str, set[str]] = {}
 
@@ -45,8 +55,10 @@ def closure(project: str = PROJECT) -> dict[str, tuple[str, str]]:
             if wanted:
                 walk(req.name, frozenset(req.extras))
 
-    walk(project, frozenset())
-    found.pop(canonical(project))
+    for req in project_requirements():
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            walk(req.name, frozenset(req.extras))
+    found.pop(canonical(PROJECT), None)
     return found
 
 
