@@ -133,6 +133,7 @@ class ProcgenVectorEnv(VectorEnv):
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+    OBS_SHAPE, NUM_ACTIONS = (64, 64, 3), 15     # every game, every mode
 
     def __init__(self, env_name: str, num_envs: int, *, num_levels: int = 500, start_level: int = 0,
                  distribution_mode: str = "hard", rand_seed: int | None = None, num_threads: int = 4):
@@ -140,8 +141,8 @@ class ProcgenVectorEnv(VectorEnv):
         self.levels = ProcgenLevels(procgen_game(env_name), num_levels, start_level, distribution_mode)
         self.num_threads = num_threads   # procgen's stepping threads (its own default is 4)
         self.num_envs = num_envs
-        self.single_observation_space = Box(0, 255, (64, 64, 3), np.uint8)
-        self.single_action_space = Discrete(15)
+        self.single_observation_space = Box(0, 255, self.OBS_SHAPE, np.uint8)
+        self.single_action_space = Discrete(self.NUM_ACTIONS)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._gym3 = self._make_gym3(rand_seed)

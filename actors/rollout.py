@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.distributions import Categorical
 
-from actors.envs import get_reward_normalizer_state, make_vector_env, set_reward_normalizer_state
+from actors.envs import (ProcgenVectorEnv, get_reward_normalizer_state, is_procgen, make_vector_env,
+                         set_reward_normalizer_state)
 from learners.batch import Rollout, Weights
 from learners.config import TrainConfig
 from learners.model import make_agent
@@ -27,6 +28,8 @@ def _obs_spec(env) -> tuple[tuple[int, ...], str, int]:
 
 def env_spec(cfg: TrainConfig) -> tuple[tuple[int, ...], str, int]:
     """(observation shape, observation dtype, number of actions) of the configured env."""
+    if is_procgen(cfg.env_id):   # the same for every game; building an env would load all Procgen assets (~350 MB)
+        return ProcgenVectorEnv.OBS_SHAPE, "uint8", ProcgenVectorEnv.NUM_ACTIONS
     env = make_vector_env(cfg.env_id, 1, cfg.seed, num_levels=cfg.num_levels, start_level=cfg.start_level,
                           distribution_mode=cfg.distribution_mode, normalize_reward=False, clip_reward=None)
     try:
@@ -45,7 +48,7 @@ class RolloutWorker:
         self.env = make_vector_env(cfg.env_id, cfg.envs_per_actor, seed, num_levels=cfg.num_levels,
                                    start_level=cfg.start_level, distribution_mode=cfg.distribution_mode,
                                    gamma=cfg.gamma, normalize_reward=cfg.normalize_reward,
-                                   clip_reward=cfg.clip_reward)
+                                   clip_reward=cfg.clip_reward, procgen_threads=1)   # steps and inference alternate
         obs_shape, obs_dtype, num_actions = _obs_spec(self.env)
         self.agent = make_agent(obs_shape, obs_dtype, num_actions)
         self.agent.eval()
@@ -128,7 +131,8 @@ class Evaluator:
         self.cfg, self.learner_id, self.seed = cfg, learner_id, seed
         self.telemetry = EvaluatorTelemetry(cfg, learner_id)   # /metrics endpoint
         self.env = make_vector_env(cfg.env_id, cfg.eval_episodes, seed, num_levels=0, start_level=seed,
-                                   distribution_mode=cfg.distribution_mode, normalize_reward=False, clip_reward=None)
+                                   distribution_mode=cfg.distribution_mode, normalize_reward=False, clip_reward=None,
+                                   procgen_threads=1)
         obs_shape, obs_dtype, num_actions = _obs_spec(self.env)
         self.agent = make_agent(obs_shape, obs_dtype, num_actions)
         self.rng = torch.Generator().manual_seed(seed)

@@ -76,4 +76,5 @@ class Batch:
             for name, array in (("obs", r.obs), ("actions", r.actions), ("logprobs", r.logprobs),
                                 ("values", r.values), ("advantages", advantages), ("returns", returns)):
                 parts[name].append(array.reshape(-1, *array.shape[2:]))
-        return cls(**{k: np.ascontiguousarray(np.concatenate(v)) for k, v in parts.items()})
+        # One rollout (one actor per learner) is used in place: no copy of its frames (200 MB at the paper's shape).
+        return cls(**{k: np.ascontiguousarray(v[0] if len(v) == 1 else np.concatenate(v)) for k, v in parts.items()})

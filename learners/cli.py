@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--log-level", default="INFO")
     _add_config_flags(train)
     _add_study_commands(sub)
+    _add_bench_command(sub)
     return parser
 
 
@@ -177,13 +178,14 @@ def _add_study_commands(sub) -> None:
                              help="robustness to rendering, agent agreement and t-SNE of a run's policies",
                              description="Writes RUN_DIR/analysis/ for every Procgen run at or below each PATH.")
     analyze.add_argument("paths", nargs="+", metavar="RUN_DIR")
-    analyze.add_argument("--num-envs", type=int, default=8)
-    analyze.add_argument("--num-steps", type=int, default=64)
+    analyze.add_argument("--num-envs", type=int, default=8, help="test-level games played side by side")
+    analyze.add_argument("--num-steps", type=int, default=64, help="steps per game (states: num-envs x num-steps)")
     analyze.add_argument("--variants", default="no_backgrounds,monochrome_assets",
                          help="comma-separated rendering variants: no_backgrounds, monochrome_assets, paint_vel_info")
-    analyze.add_argument("--seed", type=int, default=0)
-    analyze.add_argument("--driver", choices=["random", "agent"], default="random")
-    analyze.add_argument("--tsne-points", type=int, default=200)
+    analyze.add_argument("--seed", type=int, default=0, help="seeds the test levels and the driving actions")
+    analyze.add_argument("--driver", choices=["random", "agent"], default="random",
+                         help="random: uniform actions, the same states for every run of a game; agent: agent 0 acts")
+    analyze.add_argument("--tsne-points", type=int, default=200, help="states per t-SNE panel (0: no t-SNE)")
     analyze.add_argument("--log-level", default="WARNING")
 
     report = sub.add_parser("report", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -195,7 +197,8 @@ def _add_study_commands(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from learners.sweep import MANAGED, Method, SweepConfig, SweepRunner, parse_axis
+    from learners.sweep import MANAGED, Method, SweepConfig, parse_axis
+    from learners.sweep_runner import SweepRunner
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name not in MANAGED and getattr(args, f.name) is not None}
@@ -222,7 +225,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"mdpo analyze: error: {err}", file=sys.stderr)
         return 2
     if not results:
-        print(f"mdpo analyze: error: nothing analysed ({'; '.join(problems)})", file=sys.stderr)
+        print(f"mdpo analyze: error: nothing analysed: {len(problems)} runs skipped (reasons above)", file=sys.stderr)
         return 2
     return 0
 
@@ -243,6 +246,33 @@ def cmd_report(args: argparse.Namespace) -> int:
 STUDY_COMMANDS = {"sweep": cmd_sweep, "analyze": cmd_analyze, "report": cmd_report}
 
 
+# ------------------------------------------------------------------ bench (learners/bench.py)
+def _add_bench_command(sub) -> None:
+    bench = sub.add_parser("bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           help="measure every stage and the whole pipeline on this machine (README: Performance)")
+    bench.add_argument("--size", choices=["tiny", "smoke", "paper"], default="smoke",
+                       help="shape: tiny (CI, ~1 min), smoke (the smoke preset), paper (PAPER.md's iteration)")
+    bench.add_argument("--env", default=None, help="game or Gymnasium id (default: the size's preset, coinrun)")
+    bench.add_argument("--iterations", type=int, default=None, help="end-to-end iterations per run (>= 3)")
+    bench.add_argument("--max-actors", type=int, default=None, help="actor scaling up to this many per learner "
+                                                                     "(default: the core count)")
+    bench.add_argument("--no-scaling", action="store_true", help="skip the actor-scaling runs")
+    bench.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                       help="print the results as JSON instead of the table, or with PATH write them there too")
+    bench.add_argument("--work-dir", default=None, help="where the temporary run directories go")
+    bench.add_argument("--log-level", default="WARNING")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from learners import bench
+
+    if args.iterations is not None and args.iterations < 3:
+        print("mdpo bench: error: --iterations must be >= 3 (the first is warm-up; the lag needs one more)",
+              file=sys.stderr)
+        return 2
+    return bench.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -250,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "bench":
+        return cmd_bench(args)
     if args.command in STUDY_COMMANDS:
         return STUDY_COMMANDS[args.command](args)
     parser.error(f"unknown command {args.command}")

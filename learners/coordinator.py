@@ -144,6 +144,7 @@ class Coordinator:
         self.stop_signal: int | None = None
         self.learner_info: list[dict] = []
         self.failures = 0
+        self.next_rollouts: list[list] | None = None   # policy lag: the next iteration's rollouts, being collected
         self.owns_ray = False
         self._actor_placement: dict = {}   # set in start(): rollout_placement()
         self.actor_restarts = [0] * cfg.num_learners
@@ -273,7 +274,16 @@ class Coordinator:
                              num_minibatches=cfg.num_minibatches, update_epochs=cfg.update_epochs, sync=cfg.sync,
                              distill=cfg.distilling, learning_rate=lr)
         weights = [l.weights.remote() for l in self.learners]
-        rollouts = [[a.collect.remote(weights[i]) for a in self.actors[i]] for i in range(cfg.num_learners)]
+        # With the policy lag this iteration's rollouts were launched during the previous update.
+        rollouts = self.next_rollouts or [[a.collect.remote(weights[i]) for a in self.actors[i]]
+                                          for i in range(cfg.num_learners)]
+        self.next_rollouts = None
+        if cfg.policy_lag and it + 1 < cfg.num_iterations and self.stop_signal is None:
+            # The next iteration's rollouts, collected with these pre-update weights while the learners update (the
+            # learners take calls concurrently, so the weights must be taken before the update is sent).
+            ray.wait(weights, num_returns=len(weights), fetch_local=False)
+            self.next_rollouts = [[a.collect.remote(weights[i]) for a in self.actors[i]]
+                                  for i in range(cfg.num_learners)]
         stats = wait_all([l.update.remote(plan, *rollouts[i]) for i, l in enumerate(self.learners)])
         self.iteration = it + 1
         self._track_actor_restarts(stats)
@@ -376,13 +386,17 @@ class Coordinator:
     # ------------------------------------------------------ checkpointing
     def checkpoint(self, wall_seconds: float) -> Path:
         learner_states = ray.get([l.state.remote() for l in self.learners])
-        actor_states = [ray.get([a.get_state.remote() for a in group]) for group in self.actors]
+        if self.next_rollouts is None:
+            actor_states = [ray.get([a.get_state.remote() for a in group]) for group in self.actors]
+        else:   # policy lag: a rollout is in flight, uncounted; save what the consumed ones left (it is redone on resume)
+            actor_states = self.actor_states
         state = {"iteration": self.iteration, "env_steps": self.env_steps, "returns": [list(r) for r in self.returns],
                  "last_eval": self.last_eval, "sync_totals": self.sync_totals, "wall_seconds": wall_seconds,
                  "actors": actor_states, "actor_restarts": self.actor_restarts, "failures": self.failures}
         return save_checkpoint(self.ckpt_dir, self.iteration, learner_states, state, self.cfg.keep_checkpoints)
 
     def _restore(self) -> None:
+        self.next_rollouts = None     # collected for weights the restored learners no longer have
         ckpt = latest_checkpoint(self.ckpt_dir)
         if ckpt is None:
             raise FileNotFoundError(f"no valid checkpoint under {self.ckpt_dir}: nothing to resume")

@@ -10,7 +10,7 @@ import os
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -209,7 +209,10 @@ class PeerClient:
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise ConnectionError(f"peer {self.peer_id} at {self.address} is not serving (status {status})")
 
-    def fetch_logits(self, sync: SyncPoint, obs: np.ndarray, keep_graph: bool) -> tuple[np.ndarray, int, int]:
+    def fetch_logits(self, sync: SyncPoint, obs: np.ndarray, keep_graph: bool,
+                     on_chunk: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, int, int]:
+        """The peer's logits on `obs` (any sliceable rows with .shape/.dtype), plus (bytes sent, bytes received).
+        `on_chunk` sees each chunk of logits as it arrives, so the caller can use the first rows early."""
         rows = chunk_rows(obs)
         starts = range(0, len(obs), rows)
         sent = 0
@@ -223,9 +226,16 @@ class PeerClient:
                 yield msg
 
         chunks, received = [], 0
-        for reply in self.stub.PeerLogits(requests(), timeout=self.timeout_s, metadata=self.metadata):
-            received += reply.ByteSize()
-            chunks.append(from_ndarray(reply.logits))
+        call = self.stub.PeerLogits(requests(), timeout=self.timeout_s, metadata=self.metadata)
+        try:
+            for reply in call:
+                received += reply.ByteSize()
+                chunks.append(from_ndarray(reply.logits))
+                if on_chunk is not None:
+                    on_chunk(chunks[-1])
+        except BaseException:
+            call.cancel()        # e.g. on_chunk rejected a chunk: do not leave the stream open
+            raise
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32), sent, received
 
     def send_grad(self, sync: SyncPoint, grad: np.ndarray) -> int:

@@ -6,12 +6,13 @@ production, see distill_service.py), and the peer side of a sync is `serve_logit
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from learners import ppo
 from learners.batch import Batch, Rollout, Weights
 from learners.config import TrainConfig
 from learners.model import make_agent
+from learners.peer_fetch import IndexedRows, PeerFetch
 from learners.schedule import IterationPlan
 
 
@@ -54,8 +56,9 @@ class SyncStats:
 class PeerLink(Protocol):
     peer_id: int
 
-    def fetch_logits(self, sync: SyncPoint, obs: np.ndarray, keep_graph: bool) -> tuple[np.ndarray, int, int]:
-        """The peer's logits on `obs`; also (bytes sent, bytes received)."""
+    def fetch_logits(self, sync: SyncPoint, obs: np.ndarray, keep_graph: bool,
+                     on_chunk: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, int, int]:
+        """The peer's logits on `obs`; also (bytes sent, bytes received). `on_chunk` sees each chunk as it arrives."""
 
     def send_grad(self, sync: SyncPoint, grad: np.ndarray) -> int:
         """Exact mode: d(my loss)/d(peer logits) back to the peer; returns bytes sent."""
@@ -109,7 +112,8 @@ class Learner:
         exact = distill and cfg.distill_mode == "exact"
         targets = {p.peer_id: np.zeros((batch.size, self.num_actions), np.float32) for p in self.peers}
         target_step = {p.peer_id: np.full(batch.size, -1, np.int64) for p in self.peers}
-        stats, sync_stats, sync_index = [], SyncStats(), 0
+        position = np.zeros(batch.size, np.int64)       # sample -> its row in the latest sync's stream
+        stats, sync_stats, sync_index, fetches = [], SyncStats(), 0, []
         t_start = time.perf_counter()
 
         for epoch in range(plan.update_epochs):
@@ -117,24 +121,18 @@ class Learner:
             for j in range(plan.num_minibatches):
                 mb = perm[j * plan.minibatch_size:(j + 1) * plan.minibatch_size]
                 window = plan.sync_window(epoch, j, perm) if distill else None
-                peer_logits: dict[int, torch.Tensor] = {}
                 sync = None
                 if window is not None:
                     sync = SyncPoint(self.id, plan.iteration, sync_index, self.step)
                     sync_index += 1
-                    fetched = self._fetch_from_peers(sync, batch.obs, window, exact, sync_stats)
-                    for pid, logits in fetched.items():
-                        if exact:   # window == mb: the peer's logits stay live for the gradient
-                            peer_logits[pid] = torch.from_numpy(logits).to(self.device).requires_grad_(True)
-                        else:
-                            targets[pid][window] = logits
-                            target_step[pid][window] = self.step
-                if distill and not exact:
-                    peer_logits = {pid: torch.from_numpy(t[mb]).to(self.device) for pid, t in targets.items()}
-                    sync_stats.staleness.extend(int(self.step - target_step[pid][mb].min()) for pid in targets)
-                elif exact:
-                    sync_stats.staleness.extend(0 for _ in peer_logits)
-                stats.append(self._minibatch_step(batch, mb, peer_logits, sync, exact, sync_stats))
+                    self._finish_fetches(fetches, sync_stats)
+                    # Stream the window in the order the minibatches use it: each waits only for its own rows.
+                    order = perm if len(window) == batch.size else window
+                    position[order] = np.arange(len(order))
+                    fetches = self._start_fetches(sync, batch.obs, order, exact, targets, target_step)
+                stats.append(self._minibatch_step(batch, mb, fetches, position, targets, target_step, sync, exact,
+                                                  distill, sync_stats))
+        self._finish_fetches(fetches, sync_stats)
 
         self.iteration = plan.iteration + 1
         out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
@@ -149,34 +147,62 @@ class Learner:
         )
         return out
 
-    def _minibatch_step(self, batch: Batch, mb: np.ndarray, peer_logits: dict[int, torch.Tensor],
-                        sync: SyncPoint | None, exact: bool, sync_stats: SyncStats) -> dict:
+    def _minibatch_step(self, batch: Batch, mb: np.ndarray, fetches: list[PeerFetch], position: np.ndarray,
+                        targets: dict[int, np.ndarray], target_step: dict[int, np.ndarray], sync: SyncPoint | None,
+                        exact: bool, distill: bool, sync_stats: SyncStats) -> dict:
+        """One optimizer step on minibatch `mb`, its forward/backward in micro-batches of cfg.microbatch_size.
+
+        Every loss term is a mean over the minibatch, so micro-batch c contributes its mean weighted by
+        len(c)/len(mb) and the accumulated gradient is that of one pass (advantages are normalized over the whole
+        minibatch first). Peer logits are awaited only after this micro-batch's own forward pass.
+        """
         cfg, dev = self.cfg, self.device
-        obs = torch.from_numpy(batch.obs[mb]).to(dev)
-        actions = torch.from_numpy(batch.actions[mb]).to(dev)
-        old_logprob = torch.from_numpy(batch.logprobs[mb]).to(dev)
-        old_value = torch.from_numpy(batch.values[mb]).to(dev)
-        returns = torch.from_numpy(batch.returns[mb]).to(dev)
         advantages = ppo.normalize_advantages(torch.from_numpy(batch.advantages[mb]).to(dev))
+        size = cfg.microbatch_size or len(mb)
+        live: dict[int, torch.Tensor] = {}      # exact mode: the peers' logits on mb, as leaves that collect the KL grad
+        totals: Counter[str] = Counter()
+        new_logprobs = []
+        # Only exact mode has a peer writing into my .grad (apply_peer_grad); detached mode needs no lock.
+        grad_lock = self._cond if exact else contextlib.nullcontext()
+        try:
+            for start in range(0, len(mb), size):
+                rows = mb[start:start + size]
+                weight = len(rows) / len(mb)
+                actions = torch.from_numpy(batch.actions[rows]).to(dev)
+                old_logprob = torch.from_numpy(batch.logprobs[rows]).to(dev)
+                logits, value = self.agent(torch.from_numpy(batch.obs[rows]).to(dev))
+                new_logprob = Categorical(logits=logits).log_prob(actions)
+                pg_loss = ppo.policy_loss(new_logprob, old_logprob, advantages[start:start + size], cfg.clip_coef)
+                v_loss = ppo.value_loss(value, torch.from_numpy(batch.values[rows]).to(dev),
+                                        torch.from_numpy(batch.returns[rows]).to(dev),
+                                        cfg.clip_coef if cfg.clip_vloss else None)
+                entropy = ppo.entropy(logits)
+                peer_logits = self._peer_logits(fetches, rows, start, position, targets, exact, live,
+                                                sync_stats) if distill else {}
+                kl = (torch.stack([ppo.kl_to_peer(p, logits) for p in peer_logits.values()]).mean()
+                      if peer_logits else torch.zeros((), device=dev))
+                loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy + cfg.alpha * kl
+                if not torch.isfinite(loss) or not torch.isfinite(logits).all():
+                    raise NonFiniteError(f"learner {self.id}: non-finite loss {loss.item()} at step {self.step}; "
+                                         "update aborted before the optimizer step")
+                with grad_lock:
+                    (loss * (weight * self.loss_scale)).backward()
+                for name, term in (("loss", loss), ("policy_loss", pg_loss), ("value_loss", v_loss),
+                                   ("entropy", entropy), ("kl_peer", kl)):
+                    totals[name] += weight * term.item()
+                new_logprobs.append(new_logprob.detach())
+        except BaseException:
+            with self._cond:
+                self.optimizer.zero_grad(set_to_none=True)   # drop the part of the gradient accumulated so far
+            raise
+        if exact:
+            sync_stats.staleness.extend(0 for _ in live)
+        elif distill:
+            sync_stats.staleness.extend(int(self.step - target_step[pid][mb].min()) for pid in targets)
 
-        logits, value = self.agent(obs)
-        new_logprob = Categorical(logits=logits).log_prob(actions)
-        pg_loss = ppo.policy_loss(new_logprob, old_logprob, advantages, cfg.clip_coef)
-        v_loss = ppo.value_loss(value, old_value, returns, cfg.clip_coef if cfg.clip_vloss else None)
-        entropy = ppo.entropy(logits)
-        kl = (torch.stack([ppo.kl_to_peer(p, logits) for p in peer_logits.values()]).mean()
-              if peer_logits else torch.zeros((), device=dev))
-        loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy + self.cfg.alpha * kl
-        if not torch.isfinite(loss) or not torch.isfinite(logits).all():
-            raise NonFiniteError(f"learner {self.id}: non-finite loss {loss.item()} at step {self.step}; "
-                                 "update aborted before the optimizer step")
-
-        with self._cond:   # a peer's gradient may be accumulating into the same .grad
-            (loss * self.loss_scale).backward()
         if exact:
             t0 = time.perf_counter()
-            futures = [self._pool.submit(p.send_grad, sync, peer_logits[p.peer_id].grad.cpu().numpy())
-                       for p in self.peers]
+            futures = [self._pool.submit(p.send_grad, sync, live[p.peer_id].grad.cpu().numpy()) for p in self.peers]
             sync_stats.bytes_sent += sum(f.result() for f in futures)
             sync_stats.seconds += time.perf_counter() - t0
         if sync is not None:
@@ -198,30 +224,56 @@ class Learner:
             self.step += 1
             self._cond.notify_all()
 
-        approx_kl, clipfrac = ppo.ppo_diagnostics(new_logprob, old_logprob, cfg.clip_coef)
-        return dict(loss=loss.item(), policy_loss=pg_loss.item(), value_loss=v_loss.item(), entropy=entropy.item(),
-                    kl_peer=kl.item(), approx_kl=approx_kl, clipfrac=clipfrac, grad_norm=float(grad_norm))
+        new_logprob = torch.cat(new_logprobs)
+        approx_kl, clipfrac = ppo.ppo_diagnostics(new_logprob, torch.from_numpy(batch.logprobs[mb]).to(dev),
+                                                  cfg.clip_coef)
+        return dict(totals, approx_kl=approx_kl, clipfrac=clipfrac, grad_norm=float(grad_norm))
 
-    def _fetch_from_peers(self, sync: SyncPoint, obs: np.ndarray, window: np.ndarray, keep_graph: bool,
-                          sync_stats: SyncStats) -> dict[int, np.ndarray]:
+    def _peer_logits(self, fetches: list[PeerFetch], rows: np.ndarray, start: int, position: np.ndarray,
+                     targets: dict[int, np.ndarray], exact: bool, live: dict[int, torch.Tensor],
+                     sync_stats: SyncStats) -> dict[int, torch.Tensor]:
+        """The peers' logits on `rows` (micro-batch starting at `start` of the minibatch); time blocked on rows
+        that have not streamed in yet is sync time."""
         t0 = time.perf_counter()
-        # A contiguous window (whole batch) is sent as a view: no copy of a 200 MB rollout.
-        window_obs = obs if len(window) == len(obs) and (window == np.arange(len(obs))).all() else obs[window]
-        futures = {p.peer_id: self._pool.submit(p.fetch_logits, sync, window_obs, keep_graph) for p in self.peers}
-        out = {}
-        for pid, fut in futures.items():
-            logits, sent, received = fut.result()
-            if logits.shape != (len(window), self.num_actions) or not np.isfinite(logits).all():
-                raise NonFiniteError(f"learner {self.id}: peer {pid} returned bad logits "
-                                     f"(shape {logits.shape}, finite={np.isfinite(logits).all()})")
-            out[pid] = logits
-            sync_stats.bytes_sent += sent
-            sync_stats.bytes_received += received
-        elapsed = time.perf_counter() - t0
+        if exact:   # the window is this minibatch: one leaf per peer, sliced per micro-batch
+            for fetch in fetches:
+                if fetch.peer_id not in live:
+                    fetch.wait(len(fetch.logits), self.cfg.sync_timeout_s)
+                    live[fetch.peer_id] = torch.from_numpy(fetch.logits).to(self.device).requires_grad_(True)
+            sync_stats.seconds += time.perf_counter() - t0
+            return {pid: leaf[start:start + len(rows)] for pid, leaf in live.items()}
+        if fetches:
+            need = int(position[rows].max()) + 1
+            for fetch in fetches:
+                fetch.wait(need, self.cfg.sync_timeout_s)
+        sync_stats.seconds += time.perf_counter() - t0
+        return {pid: torch.from_numpy(t[rows]).to(self.device) for pid, t in targets.items()}
+
+    def _start_fetches(self, sync: SyncPoint, obs: np.ndarray, order: np.ndarray, exact: bool,
+                       targets: dict[int, np.ndarray], target_step: dict[int, np.ndarray]) -> list[PeerFetch]:
+        """Ask every peer for its logits on obs[order]; chunks land in `targets` as they arrive (detached mode)."""
+        def store(pid: int, indices: np.ndarray, logits: np.ndarray) -> None:
+            targets[pid][indices] = logits
+            target_step[pid][indices] = sync.step
+
+        rows = IndexedRows(obs, order)
+        fetches = [PeerFetch(p.peer_id, order, self.num_actions, None if exact else store) for p in self.peers]
+        for peer, fetch in zip(self.peers, fetches):
+            self._pool.submit(fetch.run, peer.fetch_logits, sync, rows, exact)
+        return fetches
+
+    def _finish_fetches(self, fetches: list[PeerFetch], sync_stats: SyncStats) -> None:
+        """Account a sync whose rows have all been used (waiting out a stream that is still closing)."""
+        if not fetches:
+            return
+        t0 = time.perf_counter()
+        for fetch in fetches:
+            fetch.join(self.cfg.sync_timeout_s)
+            sync_stats.bytes_sent += fetch.sent
+            sync_stats.bytes_received += fetch.received
+        sync_stats.seconds += time.perf_counter() - t0
         sync_stats.syncs += 1
-        sync_stats.seconds += elapsed
-        sync_stats.latencies.append(elapsed)
-        return out
+        sync_stats.latencies.append(max(f.latency for f in fetches))
 
     def _wait_for_peers(self, step: int, grads: bool) -> None:
         """Barrier: every peer has read my weights at `step` (and, in exact mode, sent its gradient)."""

@@ -73,7 +73,8 @@ class LearnerWorker:
         stats["episode_lengths"] = np.concatenate([r.episode_lengths for r in rollouts]).tolist()
         stats["collect_seconds"] = max(r.collect_seconds for r in rollouts)
         stats["inference_seconds"] = sum(r.inference_seconds for r in rollouts)
-        stats["version_lag"] = max(self.learner.step - r.weights_version for r in rollouts)
+        # optimizer steps between the behaviour policy and the weights this update started from
+        stats["version_lag"] = max(step_before - r.weights_version for r in rollouts)
         stats["actor_pids"] = [r.actor_pid for r in rollouts]
         stats["actor_states"] = [r.actor_state for r in rollouts]
         self.telemetry.record_update(stats, rollouts, started, step_before)

@@ -226,7 +226,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Path]:
     paths |= plot_curves(curves, out / "returns")
     paths |= plot_bars(rows, "generalization_gap", "train minus test return", "Generalization gap (final)",
                        out / "generalization_gap")
-    md = [f"# MDPO generalization report\n",
+    md = ["# MDPO generalization report\n",
           f"{len(included)} runs from `{cfg.runs_dir}`: games {', '.join(sorted({r.game for r in included}))}; "
           f"methods {', '.join(sorted({r.method for r in included}))}; "
           f"seeds {', '.join(str(s) for s in sorted({r.seed for r in included}))}.\n"]

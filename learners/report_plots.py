@@ -59,7 +59,10 @@ def plot_curves(rows: list[dict], stem: Path) -> dict[str, Path]:
             ax.set_ylabel("episode return", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.lines:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no episode finished yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return _save(fig, stem)
 

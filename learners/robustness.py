@@ -133,7 +133,8 @@ def tsne_embedding(features: np.ndarray, seed: int) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     perplexity = min(30.0, (len(features) - 1) / 3)
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500,
+                random_state=seed).fit_transform(features)
 
 
 def analyze_run(run_dir: Path, cfg: AnalyzeConfig) -> dict:

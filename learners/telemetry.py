@@ -455,7 +455,7 @@ class CoordinatorTelemetry(Telemetry):
         self._child(self.expected, kind="actor").set(sum(len(group) for group in coordinator.actors))
         self._child(self.expected, kind="evaluator").set(len(coordinator.evaluators))
         self.endpoints = {self.instance: self.endpoint()}
-        self._refresh_endpoints(coordinator, wait_s=120)
+        self._refresh_endpoints(coordinator, actors_wait_s=120, evaluators_wait_s=120, quiet=True)   # printed by the CLI
         self.last_progress.set_to_current_time()
         self._last_time = time.perf_counter()
 
@@ -473,7 +473,7 @@ class CoordinatorTelemetry(Telemetry):
                 if entry.get(key) is not None:
                     self._child(gauge, learner_id=entry["id"]).set(entry[key])
         self.last_progress.set_to_current_time()
-        self._refresh_endpoints(coordinator, wait_s=30)
+        self._refresh_endpoints(coordinator, actors_wait_s=30)
 
     def _count_up(self, coordinator) -> None:
         """Counters follow the coordinator's totals (restored ones included; a rollback never lowers them)."""
@@ -484,7 +484,8 @@ class CoordinatorTelemetry(Telemetry):
         self.failures.inc(max(0, failures - self._failures_seen))
         self._failures_seen = max(failures, self._failures_seen)
 
-    def _refresh_endpoints(self, coordinator, wait_s: float) -> None:
+    def _refresh_endpoints(self, coordinator, actors_wait_s: float, evaluators_wait_s: float = 0,
+                           quiet: bool = False) -> None:
         """Learners restarted after a failure, rollout actors restarted by Ray and replaced evaluators serve on
         new ports: re-read the endpoints and rewrite the targets files when one changed. Rollout actors are
         idle between iterations; an evaluator may be busy, so its endpoint is picked up when it answers."""
@@ -495,7 +496,7 @@ class CoordinatorTelemetry(Telemetry):
         found = [info["metrics"] for info in coordinator.learner_info if info.get("metrics")]
         actors = [a for group in coordinator.actors for a in group]
         try:
-            found += ray.get([a.metrics_endpoint.remote() for a in actors], timeout=wait_s)
+            found += ray.get([a.metrics_endpoint.remote() for a in actors], timeout=actors_wait_s)
         except Exception as err:  # an actor in the middle of a restart: try again next iteration
             log.warning("could not read the rollout actors' metrics endpoints: %s", err)
         for i, handle in enumerate(coordinator.evaluators):
@@ -503,7 +504,7 @@ class CoordinatorTelemetry(Telemetry):
                 self._evaluators[i] = handle
                 self._pending[handle.metrics_endpoint.remote()] = i
         if self._pending:
-            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=wait_s if wait_s > 60 else 0)
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=evaluators_wait_s)
             for ref in ready:
                 self._pending.pop(ref)
                 try:
@@ -515,8 +516,9 @@ class CoordinatorTelemetry(Telemetry):
         for e in changed:
             self.endpoints[e["labels"]["instance"]] = e
         self.workers = {e["ray_actor_id"]: e["labels"]["role"] for e in self.endpoints.values() if e.get("ray_actor_id")}
-        if changed:
+        if changed and not quiet:
             log.info("metrics endpoints: %s", ", ".join(f"{e['labels']['instance']} {e['address']}" for e in changed))
+        if changed:
             self.write_targets()
 
     def close(self, clean: bool = True) -> None:

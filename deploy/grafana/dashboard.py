@@ -54,6 +54,12 @@ PANELS: list[tuple[str, list[tuple[str, str, str, str, list[tuple[str, str]]]]]]
          "From the rollout actors, over the rate window: mean raw return and mean length of finished episodes.",
          [(mean_of("mdpo_actor_episode_return", "run_id, learner_id"), "return · agent {{learner_id}}"),
           (mean_of("mdpo_actor_episode_length_steps", "run_id, learner_id"), "length · agent {{learner_id}}")]),
+        ("Evaluations: duration and weights age", "timeseries", "short",
+         "Mean wall time of an evaluation (s), and how many optimizer steps the last evaluated weights are behind "
+         "the learner's.",
+         [(mean_of("mdpo_evaluator_evaluation_seconds", "run_id, learner_id"), "duration (s) · agent {{learner_id}}"),
+          (f"max by (run_id, learner_id) ({sel('mdpo_learner_weights_version')}) - on (run_id, learner_id) "
+           f"max by (run_id, learner_id) ({sel('mdpo_evaluator_weights_version')})", "weights age · agent {{learner_id}}")]),
     ]),
     ("Is it fast?", [
         ("Environment steps per second", "timeseries", "short",
@@ -117,6 +123,8 @@ PANELS: list[tuple[str, list[tuple[str, str, str, str, list[tuple[str, str]]]]]]
          "Calls per second on the learners' Distill/health services, server and client side, by final status.",
          [(rate("mdpo_grpc_server_handled_total", "run_id, grpc_method, grpc_code"), "server {{grpc_method}} {{grpc_code}}"),
           (rate("mdpo_grpc_client_handled_total", "run_id, grpc_method, grpc_code"), "client {{grpc_method}} {{grpc_code}}")]),
+        ("gRPC server handling time", "timeseries", "s", "p99 time the learners' servers spend on one call, by method.",
+         [(quantile(0.99, "mdpo_grpc_server_handling_seconds", "run_id, grpc_method"), "p99 {{grpc_method}}")]),
     ]),
     ("Is anything broken?", [
         ("Processes up", "timeseries", "short", "Scrape targets answering, by role (Prometheus' `up`).",

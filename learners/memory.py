@@ -1,0 +1,150 @@
+"""Resident memory and CPU time of a run's processes by kind (driver, learner, actor, evaluator, Ray's own).
+
+A local run is the driver plus its descendants (Ray's raylet and GCS, and the worker processes the raylet starts),
+so sampling the driver's process tree covers it. Per process we keep the peak RSS; for the machine we keep the
+peak of the summed PSS (proportional set size: a page shared by n processes counts 1/n in each), because RSS
+counts shared pages (libtorch, the object store's shared memory) once per process and its sum overstates the total.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import psutil
+
+KINDS = ("driver", "learner", "actor", "evaluator", "ray")
+_TITLES = {"ray::LearnerWorker": "learner", "ray::RolloutWorker": "actor", "ray::Evaluator": "evaluator"}
+
+
+def process_kind(proc: psutil.Process, driver_pid: int) -> str:
+    """Ray names a worker process after the actor class it hosts (`ray::RolloutWorker.collect`); everything else
+    under the driver (raylet, gcs_server, dashboard agents, idle workers) is Ray's own."""
+    if proc.pid == driver_pid:
+        return "driver"
+    try:
+        title = " ".join(proc.cmdline()[:1]) or proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "ray"
+    for prefix, kind in _TITLES.items():
+        if title.startswith(prefix):
+            return kind
+    return "ray"
+
+
+def cpu_seconds_by_kind(driver_pid: int | None = None) -> dict[str, float]:
+    """CPU time (user + system) consumed so far by the driver's process tree, per kind. The difference of two
+    snapshots is what a stretch of training cost, whatever else the machine was doing meanwhile."""
+    driver_pid = driver_pid or os.getpid()
+    out = dict.fromkeys(KINDS, 0.0)
+    try:
+        root = psutil.Process(driver_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            out[process_kind(proc, driver_pid)] += times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def own_peak_rss_bytes() -> int:
+    """This process's peak resident set size (getrusage; kilobytes on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class MemorySampler:
+    """Samples the driver's process tree every `interval_s` seconds; `phase(name)` scopes what is recorded."""
+
+    def __init__(self, interval_s: float = 0.25, driver_pid: int | None = None):
+        self.interval_s = interval_s
+        self.driver_pid = driver_pid or os.getpid()
+        self._phase: str | None = None
+        self._peak_rss: dict[str, dict[int, tuple[str, int]]] = defaultdict(dict)   # phase -> pid -> (kind, bytes)
+        self._peak_pss: dict[str, dict[int, int]] = defaultdict(dict)
+        self._total_pss: dict[str, int] = defaultdict(int)                          # phase -> peak of the sum
+        self._samples: dict[str, int] = defaultdict(int)
+        self._kinds: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @contextmanager
+    def phase(self, name: str):
+        self.sample_once()
+        with self._lock:
+            previous, self._phase = self._phase, name
+        try:
+            yield
+        finally:
+            self.sample_once()     # so even a phase shorter than the interval has a sample
+            with self._lock:
+                self._phase = previous
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample_once()
+
+    def sample_once(self) -> None:
+        with self._lock:
+            phase = self._phase
+        if phase is None:
+            return
+        try:
+            root = psutil.Process(self.driver_pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        total = 0
+        seen = []
+        for proc in procs:
+            try:
+                info = proc.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            kind = self._kinds.get(proc.pid)
+            if kind in (None, "ray"):       # a worker's title names its actor only once the actor is placed
+                kind = self._kinds[proc.pid] = process_kind(proc, self.driver_pid)
+            pss = getattr(info, "pss", info.rss)
+            total += pss
+            seen.append((proc.pid, kind, info.rss, pss))
+        with self._lock:
+            rss_peaks, pss_peaks = self._peak_rss[phase], self._peak_pss[phase]
+            for pid, kind, rss, pss in seen:
+                rss_peaks[pid] = (kind, max(rss, rss_peaks.get(pid, (kind, 0))[1]))
+                pss_peaks[pid] = max(pss, pss_peaks.get(pid, 0))
+            self._total_pss[phase] = max(self._total_pss[phase], total)
+            self._samples[phase] += 1
+
+    def summary(self, *phases: str) -> dict:
+        """Peaks over the given phases: per kind the largest single process (RSS and PSS), the number of
+        processes, and the peak total PSS of all processes at one instant."""
+        with self._lock:
+            kinds: dict[str, dict] = {k: {"processes": 0, "peak_rss_bytes": 0, "peak_pss_bytes": 0} for k in KINDS}
+            pids: dict[str, set] = defaultdict(set)
+            for phase in phases:
+                for pid, (kind, rss) in self._peak_rss[phase].items():
+                    entry = kinds[kind]
+                    entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], rss)
+                    entry["peak_pss_bytes"] = max(entry["peak_pss_bytes"], self._peak_pss[phase][pid])
+                    pids[kind].add(pid)
+            for kind, entry in kinds.items():
+                entry["processes"] = len(pids[kind])
+            return {"total_pss_peak_bytes": max((self._total_pss[p] for p in phases), default=0),
+                    "samples": sum(self._samples[p] for p in phases),
+                    "kinds": {k: v for k, v in kinds.items() if v["processes"]}}

@@ -1,0 +1,153 @@
+"""`mdpo bench`: every figure is measured, finite and consistent with what it is computed from (the tiny size, so it
+runs in CI and cannot rot), plus the pieces of arithmetic and the memory sampler on their own."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from learners.bench import SIZES, _bounds, bench_config, format_table, steady_rate, sync_schedules
+from learners.memory import MemorySampler, process_kind
+
+FRAME_BYTES = 64 * 64 * 3
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "learners.cli", "bench", "--size", "tiny", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(out.read_text()), proc.stdout, time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_tiny_bench_measures_every_stage_and_the_bounds_follow_from_them(tiny):
+    r, table, _ = tiny
+    cfg = bench_config("tiny")
+    s, b = r["stages"], r["bounds"]
+    assert r["size"] == "tiny" and r["machine"]["cores"] == os.cpu_count()
+    assert positive(s["env"]["env_steps_per_second"]) and s["env"]["envs"] == cfg.envs_per_actor
+    assert positive(s["actor"]["env_steps_per_second"]) and 0 < s["actor"]["inference_fraction"] < 1
+    assert positive(s["learner"]["samples_per_second"])
+    # The actor stage steps the same vector env plus inference, so it cannot be faster than the env alone.
+    assert s["actor"]["env_steps_per_second"] < s["env"]["env_steps_per_second"]
+    parallel = min(cfg.num_learners * cfg.num_actors, os.cpu_count())
+    assert b["actors"] == pytest.approx(s["actor"]["env_steps_per_second"] * parallel)
+    assert b["learners"] == pytest.approx(s["learner"]["samples_per_second"] * cfg.num_learners / cfg.update_epochs)
+    assert b["bound"] == min(b["env"], b["actors"], b["learners"]) == b[b["slowest_stage"]]
+    assert b["shared_core_bound"] == pytest.approx(1 / (1 / b["actors"] + 1 / b["learners"]))
+    assert b["shared_core_bound"] < b["bound"]
+
+
+@pytest.mark.slow
+def test_tiny_bench_end_to_end_efficiency_and_scaling(tiny):
+    r, _, _ = tiny
+    for lag in ("off", "on"):
+        e = r["end_to_end"][f"policy_lag_{lag}"]
+        assert e["policy_lag"] is (lag == "on") and e["iterations"] == SIZES["tiny"].iterations
+        assert e["steady_iterations"] == SIZES["tiny"].iterations - (2 if lag == "on" else 1)
+        assert positive(e["env_steps_per_second"]) and positive(e["iteration_seconds"])
+        assert positive(e["update_seconds"]) and positive(e["collect_seconds"])
+        assert 0 <= e["sync_fraction"] < 1
+        cpu = e["cpu_seconds_per_1000_steps"]
+        assert {"driver", "learner", "actor"} <= set(cpu) and all(positive(v) for v in cpu.values())
+        assert 0 < e["cpu_utilization"] <= 1.05            # CPU used in the window <= wall x cores
+        assert e["efficiency"] == pytest.approx(e["env_steps_per_second"] / r["bounds"]["bound"])
+        assert e["efficiency_vs_shared_cores"] == pytest.approx(e["env_steps_per_second"] /
+                                                                r["bounds"]["shared_core_bound"])
+    counts = [x["actors_per_learner"] for x in r["scaling"]]
+    assert counts == [k for k in range(1, os.cpu_count() + 1) if bench_config("tiny").num_envs % k == 0]
+    assert all(positive(x["env_steps_per_second"]) for x in r["scaling"])
+    assert r["scaling"][0]["env_steps_per_second"] == r["end_to_end"]["policy_lag_off"]["env_steps_per_second"]
+
+
+@pytest.mark.slow
+def test_tiny_bench_sync_costs_per_schedule(tiny):
+    r, _, _ = tiny
+    cfg = bench_config("tiny")
+    mbs = cfg.minibatch_size
+    expected = {"minibatch": (cfg.num_minibatches * cfg.update_epochs, mbs),
+                "epoch": (cfg.update_epochs, cfg.batch_size), "iteration": (1, cfg.batch_size)}
+    assert set(r["sync"]) == set(expected) == set(sync_schedules(cfg))
+    for sync, (per_iteration, states) in expected.items():
+        x = r["sync"][sync]
+        assert x["syncs_per_iteration"] == per_iteration
+        assert 0 < x["latency_p50_seconds"] <= x["latency_p99_seconds"]
+        # Each sync sends `states` uint8 frames and receives as many rows of 15 float32 logits (plus framing).
+        assert states * (FRAME_BYTES + 15 * 4) <= x["bytes_per_sync"] <= 1.01 * states * (FRAME_BYTES + 15 * 4) + 4096
+        assert 0 <= x["sync_fraction"] < 1 and positive(x["exchange_fraction"]) and positive(x["samples_per_second"])
+    d = r["detached_cost"]
+    assert d["forward_rows"] == cfg.batch_size * cfg.update_epochs * (cfg.num_learners - 1)
+    assert d["ratio"] == pytest.approx(d["update_seconds"] / (d["ppo_only_seconds"] + d["forward_seconds"]))
+    assert positive(d["ppo_only_seconds"]) and positive(d["forward_seconds"])
+
+
+@pytest.mark.slow
+def test_tiny_bench_memory_table_json_and_time(tiny):
+    r, table, wall = tiny
+    mem = r["memory"]["training"]
+    kinds = mem["kinds"]
+    assert {"driver", "learner", "actor", "ray"} <= set(kinds)
+    assert kinds["driver"]["processes"] == 1
+    # two end-to-end runs, each with 2 learners and 2 actors of their own
+    assert kinds["learner"]["processes"] >= 4 and kinds["actor"]["processes"] >= 4
+    for kind, x in kinds.items():
+        assert x["peak_rss_bytes"] >= x["peak_pss_bytes"] > 0, kind
+    assert kinds["learner"]["peak_rss_bytes"] > 100 * 2**20           # torch + an IMPALA-CNN at least
+    assert mem["total_pss_peak_bytes"] >= max(x["peak_pss_bytes"] for x in kinds.values()) and mem["samples"] > 10
+    # The smoke preset evaluates every iteration: one evaluator per learner, measured in the stage phase, is added.
+    assert kinds["evaluator"]["processes"] == r["memory"]["evaluators"] == 2
+    assert r["memory"]["run_total_bytes"] == mem["total_pss_peak_bytes"] + 2 * kinds["evaluator"]["peak_pss_bytes"]
+    assert r["stages"]["evaluator"]["episodes"] == bench_config("tiny").eval_episodes
+    assert r["wall_seconds"] < wall
+    for row in ("env bound", "actor bound", "learner bound", "end to end, policy lag off", "pipeline efficiency",
+                "sync minibatch: latency p50 / p99", "detached cost", "actor scaling", "a run of the preset"):
+        assert row in table
+    assert table.endswith(format_table(r) + "\n")
+
+
+def test_steady_rate_skips_warm_up_and_with_the_lag_the_last_iteration():
+    records = [{"iteration": i, "env_steps_total": 100 * i, "wall_seconds": w}
+               for i, w in zip(range(1, 6), [10.0, 12.0, 14.0, 16.0, 17.0])]
+    rate, steady = steady_rate(records, policy_lag=False)
+    assert rate == pytest.approx(400 / 7) and [r["iteration"] for r in steady] == [2, 3, 4, 5]
+    rate, steady = steady_rate(records, policy_lag=True)
+    assert rate == pytest.approx(300 / 6) and [r["iteration"] for r in steady] == [2, 3, 4]
+    with pytest.raises(ValueError):
+        steady_rate(records[:2], policy_lag=True)
+
+
+def test_bounds_pick_the_slowest_stage():
+    cfg = bench_config("tiny")
+    stages = {"env": {"env_steps_per_second": 9000.0}, "actor": {"env_steps_per_second": 500.0},
+              "learner": {"samples_per_second": 100.0}}
+    b = _bounds(cfg, stages, cores=2)
+    assert b["actors"] == 1000 and b["learners"] == 200 and b["slowest_stage"] == "learners" and b["bound"] == 200
+    assert b["shared_core_bound"] == pytest.approx(1 / (1 / 1000 + 1 / 200))
+    assert _bounds(cfg, stages, cores=1)["actors"] == 500
+
+
+def test_memory_sampler_sees_a_child_process_peak_and_its_kind():
+    code = "import numpy as np, time; a = np.ones(150 * 2**20 // 8); time.sleep(1.5)"
+    with MemorySampler(interval_s=0.05) as sampler:
+        with sampler.phase("child"):
+            proc = subprocess.Popen([sys.executable, "-c", code])
+            proc.wait(60)
+    summary = sampler.summary("child")
+    assert summary["kinds"]["driver"]["processes"] == 1
+    assert summary["kinds"]["ray"]["peak_rss_bytes"] >= 150 * 2**20        # unknown children count as "ray"
+    assert summary["total_pss_peak_bytes"] >= 150 * 2**20 and summary["samples"] >= 5
+    import psutil
+    assert process_kind(psutil.Process(), os.getpid()) == "driver"
+    assert np.isfinite(summary["total_pss_peak_bytes"])

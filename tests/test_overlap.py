@@ -1,0 +1,170 @@
+"""The speed-ups change no math: micro-batched updates, streamed (overlapped) syncs and the one-iteration policy lag."""
+
+import copy
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Categorical
+
+from learners import ppo
+from learners.batch import Batch
+from learners.config import TrainConfig
+from learners.peer_fetch import IndexedRows, PeerFetch
+from learners.schedule import IterationPlan
+from tests.helpers import LearnerPair, synthetic_rollout
+
+
+def detached_reference(agents, rollouts, cfg: TrainConfig, plan: IterationPlan):
+    """Classic DML in one process, whole minibatches: at each sync point every agent's targets are the peer's
+    logits on the sync window at that moment (detached); each agent has its own Adam and loss scale 1/2."""
+    batches = [Batch.from_rollouts([r], cfg.gamma, cfg.gae_lambda) for r in rollouts]
+    optimizers = [torch.optim.Adam(a.parameters(), lr=plan.learning_rate, eps=cfg.adam_eps) for a in agents]
+    targets = [np.zeros((plan.batch_size, 15 if b.obs.ndim == 4 else 2), np.float32) for b in batches]
+    mbs = plan.minibatch_size
+    for epoch in range(plan.update_epochs):
+        perm = plan.permutation(epoch)
+        for j in range(plan.num_minibatches):
+            window = plan.sync_window(epoch, j, perm)
+            if window is not None:
+                with torch.no_grad():
+                    for i, b in enumerate(batches):
+                        targets[i][window] = agents[1 - i].logits(torch.from_numpy(b.obs[window])).numpy()
+            mb = perm[j * mbs:(j + 1) * mbs]
+            for i, (agent, b, opt) in enumerate(zip(agents, batches, optimizers)):
+                logits, value = agent(torch.from_numpy(b.obs[mb]))
+                newlogprob = Categorical(logits=logits).log_prob(torch.from_numpy(b.actions[mb]))
+                adv = ppo.normalize_advantages(torch.from_numpy(b.advantages[mb]))
+                pg = ppo.policy_loss(newlogprob, torch.from_numpy(b.logprobs[mb]), adv, cfg.clip_coef)
+                v = ppo.value_loss(value, torch.from_numpy(b.values[mb]), torch.from_numpy(b.returns[mb]), cfg.clip_coef)
+                kl = ppo.kl_to_peer(torch.from_numpy(targets[i][mb]), logits)
+                loss = pg + cfg.vf_coef * v - cfg.ent_coef * ppo.entropy(logits) + cfg.alpha * kl
+                opt.zero_grad()
+                (0.5 * loss).backward()
+                torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                opt.step()
+
+
+@pytest.mark.parametrize("sync", ["minibatch", "2", "epoch", "iteration"])
+@pytest.mark.parametrize("microbatch", [0, 3])
+def test_streamed_syncs_and_microbatches_equal_the_single_process_update(sync, microbatch):
+    """Over real gRPC, with logits streamed in while the learner computes and minibatches of 8 split 3+3+2,
+    both learners end exactly where the plain whole-minibatch single-process computation does."""
+    cfg = TrainConfig(env_id="CartPole-v1", alpha=1.0, sync=sync, num_envs=4, num_steps=8, num_minibatches=4,
+                      update_epochs=2, learning_rate=1e-2, microbatch_size=microbatch, rpc_timeout_s=30,
+                      sync_timeout_s=30)
+    plan = IterationPlan(0, 5, cfg.batch_size, 4, 2, sync, True, cfg.learning_rate)
+    rollouts = [synthetic_rollout(i, (4,), "float32", 2, 8, 4, seed=20 + i) for i in range(2)]
+    pair = LearnerPair(cfg, (4,), "float32", 2)
+    try:
+        reference = [copy.deepcopy(l.agent) for l in pair.learners]
+        stats = pair.update_all(rollouts, plan)
+        detached_reference(reference, rollouts, cfg, plan)
+        for learner, ref in zip(pair.learners, reference):
+            for (name, p), ref_p in zip(learner.agent.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+        for s in stats:
+            assert s["syncs"] == plan.sync_points() and s["sync_bytes_received"] > 0
+            assert 0 <= s["sync_seconds"] <= s["update_seconds"]
+            assert len(s["sync_latencies"]) == s["syncs"] and all(x > 0 for x in s["sync_latencies"])
+    finally:
+        pair.close()
+
+
+def test_exact_mode_with_microbatches_still_equals_the_joint_update():
+    """Exact mode: the KL gradient of each micro-batch flows into the slice of the peer's logits it used."""
+    from tests.test_exact_mode import reference_update
+
+    cfg = TrainConfig(env_id="CartPole-v1", alpha=1.0, distill_mode="exact", sync="minibatch", num_envs=4,
+                      num_steps=16, num_minibatches=2, update_epochs=2, learning_rate=1e-2, microbatch_size=5,
+                      rpc_timeout_s=30, sync_timeout_s=30)
+    plan = IterationPlan(0, 7, cfg.batch_size, 2, 2, "minibatch", True, cfg.learning_rate)
+    rollouts = [synthetic_rollout(i, (4,), "float32", 2, 16, 4, seed=10 + i) for i in range(2)]
+    pair = LearnerPair(cfg, (4,), "float32", 2)
+    try:
+        reference = [copy.deepcopy(l.agent) for l in pair.learners]
+        pair.update_all(rollouts, plan)
+        reference_update(reference, rollouts, cfg, plan)
+        for learner, ref in zip(pair.learners, reference):
+            for (name, p), ref_p in zip(learner.agent.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    finally:
+        pair.close()
+
+
+def test_microbatching_gives_the_gradient_of_one_pass_on_images():
+    """IMPALA-CNN, minibatch 16 as 5+5+5+1: the same parameters after an update as without micro-batching."""
+    results = []
+    for microbatch in (0, 5):
+        cfg = TrainConfig(env_id="coinrun", alpha=0.0, num_learners=2, num_envs=4, num_steps=8, num_minibatches=2,
+                          update_epochs=1, microbatch_size=microbatch, rpc_timeout_s=30, sync_timeout_s=30)
+        plan = IterationPlan(0, 3, cfg.batch_size, 2, 1, "minibatch", False, 1e-3)
+        pair = LearnerPair(cfg, (64, 64, 3), "uint8", 15)
+        try:
+            pair.update_all([synthetic_rollout(i, (64, 64, 3), "uint8", 15, 8, 4, seed=i) for i in range(2)], plan)
+            results.append([copy.deepcopy(l.agent.state_dict()) for l in pair.learners])
+        finally:
+            pair.close()
+    for whole, chunked in zip(*results):
+        for name in whole:
+            torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_indexed_rows_and_a_failed_stream_surface_in_the_training_thread():
+    obs = np.arange(10 * 3).reshape(10, 3)
+    rows = IndexedRows(obs, np.array([4, 1, 7]))
+    assert len(rows) == 3 and rows.shape == (3, 3) and rows.dtype == obs.dtype
+    np.testing.assert_array_equal(rows[1:3], obs[[1, 7]])
+
+    def bad_peer(sync, obs, keep_graph, on_chunk):
+        on_chunk(np.full((2, 2), np.nan, np.float32))
+
+    fetch = PeerFetch(1, np.arange(4), 2)
+    fetch.run(bad_peer, None, None, False)
+    with pytest.raises(RuntimeError, match="bad logits"):
+        fetch.wait(1, timeout_s=1)
+
+
+@pytest.mark.slow
+def test_policy_lag_reaches_the_exact_step_total_across_a_stop_with_a_rollout_in_flight(tmp_path):
+    """The whole pipeline with --policy-lag: each iteration's rollouts are collected with the pre-update weights
+    during the previous update. Ctrl-C mid-run checkpoints while the next rollouts are in flight; the resumed run
+    neither loses nor double counts an iteration, ends at the exact step total, and CartPole still learns."""
+    run = tmp_path / "lag"
+    base = [sys.executable, "-m", "learners.cli", "train", "--progress", "false", "--metrics-port", "-1"]
+    proc = subprocess.Popen(base + ["--preset", "cartpole", "--policy-lag", "true", "--eval-every", "0",
+                                    "--checkpoint-every", "50", "--run-dir", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 30):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-6000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-6000:]
+    stopped_at = len(metrics.read_text().splitlines())
+    assert 30 <= stopped_at < 118
+    assert (run / "checkpoints" / f"ckpt-{stopped_at:06d}" / "manifest.json").exists()
+
+    resumed = subprocess.run(base + ["--resume", str(run)], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["iterations"] == 118
+    assert summary["env_steps"]["per_agent"] == [1024 * 118, 1024 * 118]
+    log = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["iteration"] for r in log] == list(range(1, 119))
+    assert [r["env_steps"] for r in log] == [1024 * i for i in range(1, 119)]
+    # version_lag counts optimizer steps between a rollout's weights and the learner's: the lag adds one iteration
+    # (16 steps). The first iteration after each start collects fresh, unlagged rollouts.
+    lags = [max(l["version_lag"] for l in r["learners"]) for r in log]
+    unlagged = {1, stopped_at + 1}
+    assert all(lags[i - 1] == lags[0] for i in unlagged)
+    assert all(lag == lags[0] + 16 for i, lag in enumerate(lags) if i + 1 not in unlagged)
+    for learner in summary["learners"]:
+        assert learner["final_train_return"] >= 400, summary
