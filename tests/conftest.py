@@ -13,8 +13,8 @@ def pytest_terminal_summary(terminalreporter):
     if not FAULT_REPORT:
         return
     terminalreporter.section("fault injection summary")
-    terminalreporter.write_line(f"{'fault':40s} {'injected':>8s} {'survived':>8s} {'data lost':>9s}")
+    terminalreporter.write_line(f"{'fault':48s} {'injected':>8s} {'survived':>8s} {'data lost':>9s}")
     for fault, injected, survived, lost in FAULT_REPORT:
-        terminalreporter.write_line(f"{fault:40s} {injected:8d} {survived:8d} {lost:9d}")
+        terminalreporter.write_line(f"{fault:48s} {injected:8d} {survived:8d} {lost:9d}")
     total = [sum(col) for col in list(zip(*FAULT_REPORT))[1:]]
-    terminalreporter.write_line(f"{'total':40s} {total[0]:8d} {total[1]:8d} {total[2]:9d}")
+    terminalreporter.write_line(f"{'total':48s} {total[0]:8d} {total[1]:8d} {total[2]:9d}")
