@@ -56,8 +56,8 @@ class BenchSize:
 
 
 SIZES = {
-    # CI: the smoke preset's shape, smaller still; about a minute on 2 cores.
-    "tiny": BenchSize("smoke", dict(num_envs=4, num_steps=32), iterations=4, scaling_iterations=3, learner_reps=2,
+    # CI: the smoke preset's shape, smaller still, the fewest iterations that give each figure; ~1.5 min on 2 cores.
+    "tiny": BenchSize("smoke", dict(num_envs=4, num_steps=32), iterations=3, scaling_iterations=2, learner_reps=1,
                       stage_seconds=1.0),
     "smoke": BenchSize("smoke", {}, iterations=6, scaling_iterations=4, learner_reps=3, stage_seconds=3.0),
     # PAPER.md's per-iteration shape (64 envs x 256 steps, 8 minibatches of 2048, 3 epochs). The learner stage uses
@@ -250,13 +250,18 @@ def steady_rate(records: list[dict], policy_lag: bool) -> tuple[float, list[dict
     return rate, records[1:last]
 
 
-def measure_end_to_end(cfg: TrainConfig, iterations: int, run_dir: Path) -> dict:
+def measure_end_to_end(cfg: TrainConfig, iterations: int, run_dir: Path, sampler: MemorySampler | None = None) -> dict:
     cfg = dataclasses.replace(cfg, total_steps=iterations * cfg.batch_size, run_dir=str(run_dir))
     coordinator = Coordinator(cfg, run_dir)
     cpu: dict[int, dict[str, float]] = {}          # iteration -> CPU seconds used so far, per process kind
+
+    def snapshot(record: dict) -> None:
+        used = cpu[record["iteration"]] = cpu_seconds_by_kind()
+        used["driver"] -= sampler.cpu_seconds if sampler else 0.0     # the bench's own sampling is not the driver's
+
     try:
         coordinator.start()
-        coordinator.run(lambda record: cpu.__setitem__(record["iteration"], cpu_seconds_by_kind()))
+        coordinator.run(snapshot)
     finally:
         coordinator.shutdown()
     records = coordinator.records()
@@ -331,7 +336,7 @@ def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | 
                 say(f"end to end: {iterations} iterations, {name}")
                 with memory.phase(name):
                     e2e[name] = measure_end_to_end(dataclasses.replace(cfg, policy_lag=lag), iterations,
-                                                   Path(tmp) / name)
+                                                   Path(tmp) / name, memory)
                 e2e[name]["efficiency"] = e2e[name]["env_steps_per_second"] / out["bounds"]["bound"]
                 e2e[name]["efficiency_vs_shared_cores"] = (e2e[name]["env_steps_per_second"]
                                                            / out["bounds"]["shared_core_bound"])
@@ -344,7 +349,7 @@ def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | 
                 say(f"actor scaling: {k} actors per learner")
                 with memory.phase(f"scaling_{k}"):
                     run = measure_end_to_end(dataclasses.replace(cfg, num_actors=k), spec.scaling_iterations,
-                                             Path(tmp) / f"scaling-{k}")
+                                             Path(tmp) / f"scaling-{k}", memory)
                 out["scaling"].append({"actors_per_learner": k, "env_steps_per_second": run["env_steps_per_second"]})
             out["scaling"].sort(key=lambda r: r["actors_per_learner"])
             training, stages = memory.summary("policy_lag_off", "policy_lag_on"), memory.summary("stages")
@@ -354,7 +359,8 @@ def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | 
             training["kinds"]["evaluator"] = {**evaluator, "processes": evaluators, "measured_in": "stages"}
             out["memory"] = {"training": training, "stages": stages, "evaluators": evaluators,
                              "run_total_bytes": training["total_pss_peak_bytes"] + evaluators * evaluator["peak_pss_bytes"],
-                             "bench_process_peak_rss_bytes": own_peak_rss_bytes()}
+                             "bench_process_peak_rss_bytes": own_peak_rss_bytes(),
+                             "sampler_cpu_seconds": memory.cpu_seconds}
     finally:
         if owns_ray:
             ray.shutdown()

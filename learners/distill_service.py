@@ -210,10 +210,12 @@ class PeerClient:
             raise ConnectionError(f"peer {self.peer_id} at {self.address} is not serving (status {status})")
 
     def fetch_logits(self, sync: SyncPoint, obs: np.ndarray, keep_graph: bool,
-                     on_chunk: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, int, int]:
+                     on_chunk: Callable[[np.ndarray], None] | None = None,
+                     max_rows: int | None = None) -> tuple[np.ndarray, int, int]:
         """The peer's logits on `obs` (any sliceable rows with .shape/.dtype), plus (bytes sent, bytes received).
-        `on_chunk` sees each chunk of logits as it arrives, so the caller can use the first rows early."""
-        rows = chunk_rows(obs)
+        `on_chunk` sees each chunk of logits as it arrives, so the caller can use the first rows early; `max_rows`
+        caps the rows per message (smaller chunks: the first logits come back sooner)."""
+        rows = min(chunk_rows(obs), max_rows or len(obs) or 1)
         starts = range(0, len(obs), rows)
         sent = 0
 

@@ -7,6 +7,7 @@ production, see distill_service.py), and the peer side of a sync is `serve_logit
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections import Counter
@@ -57,8 +58,10 @@ class PeerLink(Protocol):
     peer_id: int
 
     def fetch_logits(self, sync: SyncPoint, obs: np.ndarray, keep_graph: bool,
-                     on_chunk: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, int, int]:
-        """The peer's logits on `obs`; also (bytes sent, bytes received). `on_chunk` sees each chunk as it arrives."""
+                     on_chunk: Callable[[np.ndarray], None] | None = None,
+                     max_rows: int | None = None) -> tuple[np.ndarray, int, int]:
+        """The peer's logits on `obs`; also (bytes sent, bytes received). `on_chunk` sees each chunk as it arrives;
+        `max_rows` caps the rows per streamed message."""
 
     def send_grad(self, sync: SyncPoint, grad: np.ndarray) -> int:
         """Exact mode: d(my loss)/d(peer logits) back to the peer; returns bytes sent."""
@@ -257,9 +260,11 @@ class Learner:
             target_step[pid][indices] = sync.step
 
         rows = IndexedRows(obs, order)
+        # Chunks of half a micro-batch: the rows the first micro-batch needs are back about when its forward ends.
+        stream_rows = max(1, (self.cfg.microbatch_size or self.cfg.minibatch_size) // 2)
         fetches = [PeerFetch(p.peer_id, order, self.num_actions, None if exact else store) for p in self.peers]
         for peer, fetch in zip(self.peers, fetches):
-            self._pool.submit(fetch.run, peer.fetch_logits, sync, rows, exact)
+            self._pool.submit(fetch.run, functools.partial(peer.fetch_logits, max_rows=stream_rows), sync, rows, exact)
         return fetches
 
     def _finish_fetches(self, fetches: list[PeerFetch], sync_stats: SyncStats) -> None:

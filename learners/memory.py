@@ -61,16 +61,26 @@ def own_peak_rss_bytes() -> int:
 
 
 class MemorySampler:
-    """Samples the driver's process tree every `interval_s` seconds; `phase(name)` scopes what is recorded."""
+    """Samples the driver's process tree; `phase(name)` scopes what is recorded.
 
-    def __init__(self, interval_s: float = 0.25, driver_pid: int | None = None):
-        self.interval_s = interval_s
+    RSS (cheap: /proc/PID/statm) every `interval_s`; PSS (smaps_rollup, ~10 ms per big process) only when the
+    total RSS is within 3% of the phase's highest so far, at most every `pss_interval_s` (and at least every
+    `pss_max_gap_s`): the peak of the total is caught without the sampler eating a good part of a core.
+    `cpu_seconds` is the sampler's own CPU time, to be told apart from the driver's.
+    """
+
+    def __init__(self, interval_s: float = 0.25, pss_interval_s: float = 1.0, pss_max_gap_s: float = 5.0,
+                 driver_pid: int | None = None):
+        self.interval_s, self.pss_interval_s, self.pss_max_gap_s = interval_s, pss_interval_s, pss_max_gap_s
         self.driver_pid = driver_pid or os.getpid()
+        self.cpu_seconds = 0.0
         self._phase: str | None = None
         self._peak_rss: dict[str, dict[int, tuple[str, int]]] = defaultdict(dict)   # phase -> pid -> (kind, bytes)
         self._peak_pss: dict[str, dict[int, int]] = defaultdict(dict)
         self._total_pss: dict[str, int] = defaultdict(int)                          # phase -> peak of the sum
+        self._total_rss: dict[str, int] = defaultdict(int)
         self._samples: dict[str, int] = defaultdict(int)
+        self._last_pss = 0.0
         self._kinds: dict[int, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -86,13 +96,13 @@ class MemorySampler:
 
     @contextmanager
     def phase(self, name: str):
-        self.sample_once()
         with self._lock:
             previous, self._phase = self._phase, name
+        self.sample_once(pss=True)
         try:
             yield
         finally:
-            self.sample_once()     # so even a phase shorter than the interval has a sample
+            self.sample_once(pss=True)     # so even a phase shorter than the interval has a full sample
             with self._lock:
                 self._phase = previous
 
@@ -100,7 +110,8 @@ class MemorySampler:
         while not self._stop.wait(self.interval_s):
             self.sample_once()
 
-    def sample_once(self) -> None:
+    def sample_once(self, pss: bool | None = None) -> None:
+        t_cpu = time.thread_time()
         with self._lock:
             phase = self._phase
         if phase is None:
@@ -110,26 +121,41 @@ class MemorySampler:
             procs = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return
-        total = 0
         seen = []
         for proc in procs:
             try:
-                info = proc.memory_full_info()
+                rss = proc.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             kind = self._kinds.get(proc.pid)
             if kind in (None, "ray"):       # a worker's title names its actor only once the actor is placed
                 kind = self._kinds[proc.pid] = process_kind(proc, self.driver_pid)
-            pss = getattr(info, "pss", info.rss)
-            total += pss
-            seen.append((proc.pid, kind, info.rss, pss))
+            seen.append((proc, kind, rss))
+        total_rss = sum(rss for _, _, rss in seen)
+        now = time.monotonic()
+        if pss is None:
+            since = now - self._last_pss
+            pss = since >= self.pss_max_gap_s or (since >= self.pss_interval_s
+                                                   and total_rss >= 0.97 * self._total_rss[phase])
+        pss_of: dict[int, int] = {}
+        if pss:
+            self._last_pss = now
+            for proc, _, rss in seen:
+                try:
+                    pss_of[proc.pid] = getattr(proc.memory_full_info(), "pss", rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
         with self._lock:
             rss_peaks, pss_peaks = self._peak_rss[phase], self._peak_pss[phase]
-            for pid, kind, rss, pss in seen:
-                rss_peaks[pid] = (kind, max(rss, rss_peaks.get(pid, (kind, 0))[1]))
-                pss_peaks[pid] = max(pss, pss_peaks.get(pid, 0))
-            self._total_pss[phase] = max(self._total_pss[phase], total)
+            for proc, kind, rss in seen:
+                rss_peaks[proc.pid] = (kind, max(rss, rss_peaks.get(proc.pid, (kind, 0))[1]))
+                if proc.pid in pss_of:
+                    pss_peaks[proc.pid] = max(pss_of[proc.pid], pss_peaks.get(proc.pid, 0))
+            self._total_rss[phase] = max(self._total_rss[phase], total_rss)
+            if pss_of:
+                self._total_pss[phase] = max(self._total_pss[phase], sum(pss_of.values()))
             self._samples[phase] += 1
+            self.cpu_seconds += time.thread_time() - t_cpu
 
     def summary(self, *phases: str) -> dict:
         """Peaks over the given phases: per kind the largest single process (RSS and PSS), the number of
@@ -141,10 +167,11 @@ class MemorySampler:
                 for pid, (kind, rss) in self._peak_rss[phase].items():
                     entry = kinds[kind]
                     entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], rss)
-                    entry["peak_pss_bytes"] = max(entry["peak_pss_bytes"], self._peak_pss[phase][pid])
+                    entry["peak_pss_bytes"] = max(entry["peak_pss_bytes"], self._peak_pss[phase].get(pid, 0))
                     pids[kind].add(pid)
             for kind, entry in kinds.items():
                 entry["processes"] = len(pids[kind])
             return {"total_pss_peak_bytes": max((self._total_pss[p] for p in phases), default=0),
+                    "total_rss_peak_bytes": max((self._total_rss[p] for p in phases), default=0),
                     "samples": sum(self._samples[p] for p in phases),
                     "kinds": {k: v for k, v in kinds.items() if v["processes"]}}
