@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -452,14 +453,29 @@ def format_table(r: dict) -> str:
 
 
 def main(args) -> int:
-    result = run_bench(args.size, env_id=args.env, iterations=args.iterations, max_actors=args.max_actors,
-                       scaling=not args.no_scaling, work_dir=args.work_dir,
-                       log=(lambda *_: None) if args.json == "-" else print)
+    if args.from_json:
+        try:
+            result = json.loads(Path(args.from_json).read_text())
+            format_table(result)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            print(f"mdpo bench: error: --from {args.from_json} is not a result of `mdpo bench --json` "
+                  f"({type(err).__name__}: {err})", file=sys.stderr)
+            return 2
+    else:
+        result = run_bench(args.size, env_id=args.env, iterations=args.iterations, max_actors=args.max_actors,
+                           scaling=not args.no_scaling, work_dir=args.work_dir,
+                           log=(lambda *_: None) if args.json == "-" else print)
     text = json.dumps(result, indent=2)
     if args.json == "-":
         print(text)
     else:
         print(format_table(result))
-        if args.json:
+        if args.json and not args.from_json:
             Path(args.json).write_text(text + "\n")
+    if args.plot:
+        from learners.bench_plots import plot_bench
+
+        plot_bench(result, Path(args.plot))
+        if args.json != "-":
+            print(f"plot: {args.plot}")
     return 0

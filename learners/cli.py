@@ -259,6 +259,10 @@ def _add_bench_command(sub) -> None:
     bench.add_argument("--no-scaling", action="store_true", help="skip the actor-scaling runs")
     bench.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                        help="print the results as JSON instead of the table, or with PATH write them there too")
+    bench.add_argument("--plot", default=None, metavar="PNG", help="also draw the results (throughput vs bounds, "
+                       "actor scaling, sync cost, memory) to this PNG")
+    bench.add_argument("--from", dest="from_json", default=None, metavar="JSON",
+                       help="measure nothing: print the table (and --plot) of a result saved with --json PATH")
     bench.add_argument("--work-dir", default=None, help="where the temporary run directories go")
     bench.add_argument("--log-level", default="WARNING")
 
@@ -269,6 +273,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.iterations is not None and args.iterations < 3:
         print("mdpo bench: error: --iterations must be >= 3 (the first is warm-up; the lag needs one more)",
               file=sys.stderr)
+        return 2
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path not in (None, "-") and not Path(path).parent.is_dir():
+            print(f"mdpo bench: error: {flag} {path}: directory {Path(path).parent} does not exist; create it or "
+                  "pick another path", file=sys.stderr)
+            return 2
+    if args.from_json and not Path(args.from_json).is_file():
+        print(f"mdpo bench: error: --from {args.from_json}: no such file; give a result written by "
+              "`mdpo bench --json PATH`", file=sys.stderr)
         return 2
     return bench.main(args)
 

@@ -153,3 +153,34 @@ def test_memory_sampler_sees_a_child_process_peak_and_its_kind():
     import psutil
     assert process_kind(psutil.Process(), os.getpid()) == "driver"
     assert np.isfinite(summary["total_pss_peak_bytes"])
+
+
+@pytest.mark.slow
+def test_a_saved_result_is_redrawn_without_measuring(tiny, tmp_path):
+    r, table, _ = tiny
+    saved, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    saved.write_text(json.dumps(r))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "learners.cli", "bench", "--from", str(saved), "--plot", str(png)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert format_table(r) in proc.stdout and "Started a local Ray" not in proc.stderr
+    assert time.monotonic() - t0 < r["wall_seconds"]          # nothing re-measured
+    import matplotlib.image
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 500 and image.shape[1] > 800 and image[..., :3].std() > 0.05   # drawn, not blank
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--from", "{tmp}/missing.json"], "no such file"),
+    (["--from", "{tmp}/not-a-result.json"], "is not a result of `mdpo bench --json`"),
+    (["--plot", "{tmp}/no/such/dir/x.png"], "does not exist"),
+    (["--json", "{tmp}/no/such/dir/x.json"], "does not exist"),
+    (["--iterations", "2"], "must be >= 3"),
+])
+def test_bad_bench_arguments_fail_before_any_measurement(tmp_path, args, says):
+    (tmp_path / "not-a-result.json").write_text('{"size": "tiny"}')
+    proc = subprocess.run([sys.executable, "-m", "learners.cli", "bench", *[a.format(tmp=tmp_path) for a in args]],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert "Started a local Ray" not in proc.stderr
