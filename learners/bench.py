@@ -303,6 +303,8 @@ def measure_end_to_end(cfg: TrainConfig, iterations: int, run_dir: Path, sampler
             "update_seconds": update / len(learners),
             "collect_seconds": float(np.mean([l["collect_seconds"] for l in learners])),
             "sync_fraction": sum(l["sync_seconds"] for l in learners) / update,
+            # Of which blocked in the first optimizer step: mostly waiting for the peer to start its update.
+            "sync_first_step_fraction": sum(l["sync_first_step_seconds"] for l in learners) / update,
             "policy_lag": cfg.policy_lag, "actors_per_learner": cfg.num_actors}
 
 
@@ -427,6 +429,7 @@ def format_table(r: dict) -> str:
         row(f"  pipeline efficiency (vs {b['slowest_stage']} bound)", e["efficiency"], "", "{:.2f}")
         row("  efficiency vs the shared-core bound", e["efficiency_vs_shared_cores"], "", "{:.2f}")
         row("  sync fraction of learner time in training", e["sync_fraction"], "", "{:.3f}")
+        row("    of which in the first step (the peer starts later)", e["sync_first_step_fraction"], "", "{:.3f}")
         cpu = e["cpu_seconds_per_1000_steps"]
         row("  CPU seconds per 1000 env steps (all processes)", sum(cpu.values()), "s: " + ", ".join(
             f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])), "{:.1f}")

@@ -52,6 +52,9 @@ class SyncStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     staleness: list[int] = field(default_factory=list)   # optimizer steps since the peer's logits were made
+    # Blocked during the first optimizer step of the update: mostly waiting for a peer that started later (its
+    # rollouts arrived later), which the barrier turns into sync time.
+    first_step_seconds: float = 0.0
 
 
 class PeerLink(Protocol):
@@ -135,6 +138,8 @@ class Learner:
                     fetches = self._start_fetches(sync, batch.obs, order, exact, targets, target_step)
                 stats.append(self._minibatch_step(batch, mb, fetches, position, targets, target_step, sync, exact,
                                                   distill, sync_stats))
+                if epoch == 0 and j == 0:
+                    sync_stats.first_step_seconds = sync_stats.seconds
         self._finish_fetches(fetches, sync_stats)
 
         self.iteration = plan.iteration + 1
@@ -143,6 +148,7 @@ class Learner:
             learner_id=self.id, step=self.step, iteration=self.iteration, samples=batch.size * plan.update_epochs,
             explained_variance=ppo.explained_variance(batch.values, batch.returns), learning_rate=plan.learning_rate,
             update_seconds=time.perf_counter() - t_start, syncs=sync_stats.syncs, sync_seconds=sync_stats.seconds,
+            sync_first_step_seconds=sync_stats.first_step_seconds,
             sync_latencies=sync_stats.latencies, sync_bytes_sent=sync_stats.bytes_sent,
             sync_bytes_received=sync_stats.bytes_received,
             staleness_mean=float(np.mean(sync_stats.staleness)) if sync_stats.staleness else 0.0,
