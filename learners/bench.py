@@ -429,7 +429,8 @@ def format_table(r: dict) -> str:
         row(f"  pipeline efficiency (vs {b['slowest_stage']} bound)", e["efficiency"], "", "{:.2f}")
         row("  efficiency vs the shared-core bound", e["efficiency_vs_shared_cores"], "", "{:.2f}")
         row("  sync fraction of learner time in training", e["sync_fraction"], "", "{:.3f}")
-        row("    of which in the first step (the peer starts later)", e["sync_first_step_fraction"], "", "{:.3f}")
+        if "sync_first_step_fraction" in e:      # not in results saved before it was measured
+            row("    of which in the first step (the peer starts later)", e["sync_first_step_fraction"], "", "{:.3f}")
         cpu = e["cpu_seconds_per_1000_steps"]
         row("  CPU seconds per 1000 env steps (all processes)", sum(cpu.values()), "s: " + ", ".join(
             f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])), "{:.1f}")
