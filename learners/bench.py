@@ -111,15 +111,16 @@ def _probe_env_rate(worker: RolloutWorker, min_seconds: float) -> float:
 
 def _probe_actor_rate(worker: RolloutWorker, weights: Weights, min_seconds: float) -> dict:
     worker.collect(weights)                                    # warm-up (and loads the weights)
-    rollouts = []
+    seconds = {"collect": 0.0, "inference": 0.0}     # sums only: a rollout is dropped once timed
 
     def window():
-        rollouts.append(worker.collect(weights))
-        return rollouts[-1].env_steps, rollouts[-1].collect_seconds
+        rollout = worker.collect(weights)
+        seconds["collect"] += rollout.collect_seconds
+        seconds["inference"] += rollout.inference_seconds
+        return rollout.env_steps, rollout.collect_seconds
 
     rate = _best_rate(window, min_seconds, min_reps=2)
-    return {"env_steps_per_second": rate, "inference_fraction": sum(r.inference_seconds for r in rollouts) /
-            sum(r.collect_seconds for r in rollouts)}
+    return {"env_steps_per_second": rate, "inference_fraction": seconds["inference"] / seconds["collect"]}
 
 
 def synthetic_rollout(cfg: TrainConfig, learner_id: int, obs_shape, obs_dtype: str, num_actions: int,
@@ -460,7 +461,7 @@ def main(args) -> int:
     if args.from_json:
         try:
             result = json.loads(Path(args.from_json).read_text())
-            format_table(result)
+            table = format_table(result)
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             print(f"mdpo bench: error: --from {args.from_json} is not a result of `mdpo bench --json` "
                   f"({type(err).__name__}: {err})", file=sys.stderr)
@@ -469,11 +470,12 @@ def main(args) -> int:
         result = run_bench(args.size, env_id=args.env, iterations=args.iterations, max_actors=args.max_actors,
                            scaling=not args.no_scaling, work_dir=args.work_dir,
                            log=(lambda *_: None) if args.json == "-" else print)
+        table = format_table(result)
     text = json.dumps(result, indent=2)
     if args.json == "-":
         print(text)
     else:
-        print(format_table(result))
+        print(table)
         if args.json and not args.from_json:
             Path(args.json).write_text(text + "\n")
     if args.plot:

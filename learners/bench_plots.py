@@ -58,12 +58,9 @@ def _sync(ax, r: dict) -> None:
         ax.text(i, fractions[i], f"p50 {s['latency_p50_seconds'] * 1e3:,.0f} ms\n{s['bytes_per_sync'] / 2**20:.1f} MiB",
                 ha="center", va="bottom", fontsize=7)
     ax.axhline(SYNC_TARGET, color="C3", linestyle="--", linewidth=1, label="target (default schedule)")
-    top = max(fractions + [SYNC_TARGET])
-    if "policy_lag_off" in r["end_to_end"]:
-        training = r["end_to_end"]["policy_lag_off"]["sync_fraction"]
-        ax.axhline(training, color="C1", linestyle=":", linewidth=1, label=f"in training, lag off ({default})")
-        top = max(top, training)
-    ax.set_ylim(0, top * 1.4)
+    training = r["end_to_end"]["policy_lag_off"]["sync_fraction"]
+    ax.axhline(training, color="C1", linestyle=":", linewidth=1, label=f"in training, lag off ({default})")
+    ax.set_ylim(0, max(fractions + [SYNC_TARGET, training]) * 1.4)
     ax.set_ylabel("fraction of learner time blocked")
     ax.set_title(f"sync cost per schedule (default: {default})", fontsize=9)
     ax.legend(fontsize=7)
@@ -74,9 +71,7 @@ def _memory(ax, r: dict) -> None:
     kinds = mem["training"]["kinds"]
     labels = [f"one {k}" for k in kinds] + ["all training", "run of the preset"]
     values = [x["peak_pss_bytes"] for x in kinds.values()]
-    values += [r["end_to_end"].get("policy_lag_off", {}).get("memory_total_pss_peak_bytes",
-                                                              mem["training"]["total_pss_peak_bytes"]),
-               mem["run_total_bytes"]]
+    values += [r["end_to_end"]["policy_lag_off"]["memory_total_pss_peak_bytes"], mem["run_total_bytes"]]
     mib = [v / 2**20 for v in values]
     ax.bar(range(len(labels)), mib, color=["C7"] * len(kinds) + ["C0", "C0"])
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
