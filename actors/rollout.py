@@ -1,7 +1,9 @@
 """Rollout collection: a vector env plus CPU inference with the learner's latest weights.
 
-Plain class; the coordinator makes it a Ray actor (`ray.remote(RolloutWorker)`), tests can run it
-in process.
+Plain classes; the coordinator makes RolloutWorker a Ray actor (`ray.remote(RolloutWorker)`), tests can run it
+in process. The first actor of each learner also hosts that learner's Evaluator, in a second Ray concurrency group
+(EVAL_GROUP), so evaluation runs beside collection without a process of its own: every Procgen process decodes all
+games' assets (~350 MB), and a separate evaluator process per learner cost ~0.6 GB each.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import time
 
 import numpy as np
+import ray
 import torch
 from torch.distributions import Categorical
 
@@ -38,10 +41,23 @@ def env_spec(cfg: TrainConfig) -> tuple[tuple[int, ...], str, int]:
         env.close()
 
 
-class RolloutWorker:
-    """Collects fixed-length rollouts for one learner."""
+EVAL_GROUP = "eval"
 
-    def __init__(self, cfg: TrainConfig, learner_id: int, actor_id: int, seed: int):
+
+def remote_rollout_worker():
+    """RolloutWorker as a Ray actor class: `evaluate` runs in its own concurrency group (a thread of its own),
+    beside `collect` in the default one. Ray takes concurrency groups only here, not in `.options()`."""
+    return ray.remote(concurrency_groups={EVAL_GROUP: 1})(RolloutWorker)
+
+
+def hosts_evaluator(cfg: TrainConfig, actor_id: int) -> bool:
+    return actor_id == 0 and cfg.eval_every > 0
+
+
+class RolloutWorker:
+    """Collects fixed-length rollouts for one learner; actor 0 of a learner also evaluates it (`evaluate`)."""
+
+    def __init__(self, cfg: TrainConfig, learner_id: int, actor_id: int, seed: int, eval_seed: int | None = None):
         torch.set_num_threads(1)   # many actors share a machine's cores; one thread each avoids oversubscription
         self.cfg, self.learner_id, self.actor_id = cfg, learner_id, actor_id
         self.telemetry = ActorTelemetry(cfg, learner_id, actor_id)   # /metrics endpoint; counts Ray restarts
@@ -56,6 +72,8 @@ class RolloutWorker:
         self.obs, _ = self.env.reset(seed=seed)
         self.rng = torch.Generator().manual_seed(seed)
         self.env_steps = 0
+        self.evaluator = (Evaluator(cfg, learner_id, seed if eval_seed is None else eval_seed)
+                          if hosts_evaluator(cfg, actor_id) else None)
 
     def _load(self, weights: Weights) -> None:
         if weights.version != self.version:
@@ -111,12 +129,23 @@ class RolloutWorker:
     def ping(self) -> int:
         return self.version
 
-    def metrics_endpoint(self) -> dict:
-        return self.telemetry.endpoint()
+    @ray.method(concurrency_group=EVAL_GROUP)
+    def evaluate(self, weights: Weights) -> dict:
+        """The hosted Evaluator's evaluate(), in its own thread: collection goes on meanwhile."""
+        if self.evaluator is None:
+            raise RuntimeError(f"actor {self.actor_id} of learner {self.learner_id} hosts no evaluator "
+                               "(only actor 0 does, when eval_every > 0)")
+        return self.evaluator.evaluate(weights)
+
+    def metrics_endpoints(self) -> list[dict]:
+        """This actor's /metrics endpoint and, if it hosts one, its evaluator's (same process, own port and role)."""
+        return [self.telemetry.endpoint()] + ([self.evaluator.metrics_endpoint()] if self.evaluator else [])
 
     def close(self) -> None:
         self.env.close()
         self.telemetry.close()
+        if self.evaluator:
+            self.evaluator.close()
 
 
 def _sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -124,7 +153,9 @@ def _sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 class Evaluator:
-    """Runs a policy on unseen levels (num_levels=0, its own seed) for a fixed number of episodes."""
+    """Runs a policy on unseen levels (num_levels=0, its own seed) for a fixed number of episodes.
+
+    Has its own env, network copy and /metrics endpoint (role `evaluator`); lives inside a RolloutWorker."""
 
     def __init__(self, cfg: TrainConfig, learner_id: int, seed: int):
         torch.set_num_threads(1)

@@ -36,10 +36,10 @@ import numpy as np
 import ray
 import torch
 
-from actors.rollout import Evaluator, RolloutWorker, env_spec
+from actors.rollout import RolloutWorker, env_spec, remote_rollout_worker
 from learners.batch import Rollout, Weights
 from learners.config import TrainConfig, preset
-from learners.coordinator import Coordinator
+from learners.coordinator import WORKER_RUNTIME_ENV, Coordinator
 from learners.distill_service import chunk_rows
 from learners.learner_worker import LearnerWorker
 from learners.memory import MemorySampler, cpu_seconds_by_kind, own_peak_rss_bytes
@@ -159,26 +159,37 @@ def _probe_forward(worker: LearnerWorker, rows: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- stages
-def measure_actor_stages(cfg: TrainConfig, spec: BenchSize) -> dict:
-    stage_cfg = dataclasses.replace(cfg, num_steps=spec.actor_steps or cfg.num_steps)
+def measure_actor_stages(cfg: TrainConfig, spec: BenchSize, memory: MemorySampler) -> dict:
+    """The env and actor bounds, in a first actor of a learner (the one that hosts its evaluator); then what one
+    evaluation as the preset runs it, beside collection in that process, adds to the process's peak memory (the
+    end-to-end runs train without evaluation, so this is added to their memory for a run of the preset)."""
+    stage_cfg = dataclasses.replace(cfg, num_steps=spec.actor_steps or cfg.num_steps,
+                                    eval_every=preset(spec.preset).eval_every or 1)
     obs_shape, obs_dtype, num_actions = env_spec(cfg)
-    actor = ray.remote(RolloutWorker).options(num_cpus=cfg.actor_cpus).remote(stage_cfg, 0, 0, seed=cfg.seed)
+    actor = remote_rollout_worker().options(num_cpus=cfg.actor_cpus, runtime_env=WORKER_RUNTIME_ENV).remote(
+        stage_cfg, 0, 0, cfg.seed, 10**8)
     try:
         weights = Weights.from_module(0, make_agent(obs_shape, obs_dtype, num_actions))
-        actor_rate = ray.get(actor.__ray_call__.remote(_probe_actor_rate, weights, spec.stage_seconds))
-        env_rate = ray.get(actor.__ray_call__.remote(_probe_env_rate, spec.stage_seconds))
+        with memory.phase("actor"):
+            actor_rate = ray.get(actor.__ray_call__.remote(_probe_actor_rate, weights, spec.stage_seconds))
+            env_rate = ray.get(actor.__ray_call__.remote(_probe_env_rate, spec.stage_seconds))
+            ray.get(actor.collect.remote(weights))           # the same work as below, without the evaluation
+        with memory.phase("actor_evaluating"):
+            pending = actor.evaluate.remote(weights)
+            collects = 0
+            while not collects or not ray.wait([pending], timeout=0)[0]:
+                ray.get(actor.collect.remote(weights))
+                collects += 1
+            evaluation = ray.get(pending)
     finally:
         ray.kill(actor)
-    # One evaluation as the preset runs it (its memory counts towards a run that evaluates; its time does not).
-    evaluator = ray.remote(Evaluator).options(num_cpus=0).remote(cfg, 0, seed=10**8)
-    try:
-        evaluation = ray.get(evaluator.evaluate.remote(weights))
-    finally:
-        ray.kill(evaluator)
+    pss = {phase: memory.summary(phase)["kinds"]["actor"]["peak_pss_bytes"] for phase in ("actor", "actor_evaluating")}
     return {"env": {"env_steps_per_second": env_rate, "envs": cfg.envs_per_actor},
             "actor": {**actor_rate, "envs": cfg.envs_per_actor, "steps_per_rollout": stage_cfg.num_steps},
             "evaluator": {"seconds": evaluation["seconds"], "episodes": len(evaluation["test_returns"]),
-                          "env_steps": int(sum(evaluation["test_lengths"]))}}
+                          "env_steps": int(sum(evaluation["test_lengths"])), "collects_beside": collects,
+                          "actor_peak_pss_bytes": pss["actor"], "evaluating_peak_pss_bytes": pss["actor_evaluating"],
+                          "added_pss_bytes": pss["actor_evaluating"] - pss["actor"]}}
 
 
 def sync_schedules(cfg: TrainConfig) -> list[str]:
@@ -202,7 +213,8 @@ def measure_learners(cfg: TrainConfig, spec: BenchSize) -> dict:
         cfg = dataclasses.replace(cfg, num_steps=cfg.minibatch_size * spec.learner_minibatches // cfg.num_envs,
                                   num_minibatches=spec.learner_minibatches)
     obs_shape, obs_dtype, num_actions = env_spec(cfg)
-    remote = ray.remote(LearnerWorker).options(num_cpus=cfg.learner_cpus, max_concurrency=2)
+    remote = ray.remote(LearnerWorker).options(num_cpus=cfg.learner_cpus, max_concurrency=2,
+                                                runtime_env=WORKER_RUNTIME_ENV)
     learners = [remote.remote(cfg, i, obs_shape, obs_dtype, num_actions) for i in range(cfg.num_learners)]
     iteration = 0
 
@@ -347,9 +359,9 @@ def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | 
                                                          "learner_cpus")}}
     try:
         with MemorySampler() as memory, tempfile.TemporaryDirectory(dir=work_dir, prefix="mdpo-bench-") as tmp:
+            say(f"stage: env and actor ({cfg.envs_per_actor} envs), then an evaluation beside collection")
+            stages = measure_actor_stages(cfg, spec, memory)
             with memory.phase("stages"):
-                say(f"stage: env and actor ({cfg.envs_per_actor} envs)")
-                stages = measure_actor_stages(cfg, spec)
                 say("stage: learners (every sync schedule, PPO only, forward passes)")
                 learner = measure_learners(cfg, spec)
             stages["learner"] = learner.pop("learner")
@@ -378,15 +390,17 @@ def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | 
                                              Path(tmp) / f"scaling-{k}", memory)
                 out["scaling"].append({"actors_per_learner": k, "env_steps_per_second": run["env_steps_per_second"]})
             out["scaling"].sort(key=lambda r: r["actors_per_learner"])
-            training, stages = memory.summary("policy_lag_off", "policy_lag_on"), memory.summary("stages")
-            # The end-to-end runs do not evaluate; a run of the preset has one evaluator per learner besides.
+            training = memory.summary("policy_lag_off", "policy_lag_on")
+            stage_memory = memory.summary("actor", "actor_evaluating", "stages")
+            # The end-to-end runs do not evaluate; in a run of the preset the first actor of each learner also
+            # evaluates it, which adds what the stage measured to that actor's peak (never less than nothing).
             evaluators = cfg.num_learners if preset(spec.preset).eval_every else 0
-            evaluator = stages["kinds"]["evaluator"]
-            training["kinds"]["evaluator"] = {**evaluator, "processes": evaluators, "measured_in": "stages"}
-            # A run of the preset as configured: policy lag off (the default), plus its evaluators.
+            added = max(0, stages["evaluator"]["added_pss_bytes"])
+            # A run of the preset as configured: policy lag off (the default), plus its evaluation.
             default_run = e2e["policy_lag_off"]["memory_total_pss_peak_bytes"]
-            out["memory"] = {"training": training, "stages": stages, "evaluators": evaluators,
-                             "run_total_bytes": default_run + evaluators * evaluator["peak_pss_bytes"],
+            out["memory"] = {"training": training, "stages": stage_memory, "evaluators": evaluators,
+                             "evaluation_added_bytes": evaluators * added,
+                             "run_total_bytes": default_run + evaluators * added,
                              "bench_process_peak_rss_bytes": own_peak_rss_bytes(),
                              "sampler_cpu_seconds": memory.cpu_seconds}
     finally:
@@ -452,8 +466,15 @@ def format_table(r: dict) -> str:
     for name, e in r["end_to_end"].items():
         row(f"peak memory: all training processes, {name.replace('_', ' ')}", e["memory_total_pss_peak_bytes"] / 2**20,
             "MiB (sum of PSS)")
-    row(f"  a run of the preset (lag off + {r['memory']['evaluators']} evaluators)", r["memory"]["run_total_bytes"] / 2**20,
-        "MiB")
+    if "evaluation_added_bytes" in r["memory"]:
+        ev = r["stages"]["evaluator"]
+        row("  evaluation in a rollout actor: added peak memory", ev["added_pss_bytes"] / 2**20,
+            f"MiB PSS ({_mb(ev['actor_peak_pss_bytes'])} -> {_mb(ev['evaluating_peak_pss_bytes'])})")
+        row(f"  a run of the preset (lag off + evaluation in {r['memory']['evaluators']} actors)",
+            r["memory"]["run_total_bytes"] / 2**20, "MiB")
+    else:   # results saved when evaluators were processes of their own
+        row(f"  a run of the preset (lag off + {r['memory']['evaluators']} evaluators)",
+            r["memory"]["run_total_bytes"] / 2**20, "MiB")
     return "\n".join(lines)
 
 

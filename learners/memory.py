@@ -1,4 +1,4 @@
-"""Resident memory and CPU time of a run's processes by kind (driver, learner, actor, evaluator, Ray's own).
+"""Resident memory and CPU time of a run's processes by kind (driver, learner, actor, Ray's own).
 
 A local run is the driver plus its descendants (Ray's raylet and GCS, and the worker processes the raylet starts),
 so sampling the driver's process tree covers it. Per process we keep the peak RSS; for the machine we keep the
@@ -17,8 +17,9 @@ from contextlib import contextmanager
 
 import psutil
 
-KINDS = ("driver", "learner", "actor", "evaluator", "ray")
-_TITLES = {"ray::LearnerWorker": "learner", "ray::RolloutWorker": "actor", "ray::Evaluator": "evaluator"}
+# Evaluation runs inside rollout actors (actors/rollout.py), so it has no process kind of its own.
+KINDS = ("driver", "learner", "actor", "ray")
+_TITLES = {"ray::LearnerWorker": "learner", "ray::RolloutWorker": "actor"}
 
 
 def process_kind(proc: psutil.Process, driver_pid: int) -> str:

@@ -31,7 +31,7 @@ _WORKER_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")   # Ray's forwarde
 
 
 def cell_resources(cfg: TrainConfig, cluster: dict[str, float]) -> dict[str, float]:
-    """What a run reserves on the cluster, placed as the coordinator places it (evaluators reserve nothing)."""
+    """What a run reserves on the cluster, placed as the coordinator places it (evaluators run inside rollout actors)."""
     need = {"CPU": cfg.num_learners * (cfg.learner_cpus + cfg.num_actors * cfg.actor_cpus)}
     if cfg.device != "cpu" and cluster.get("GPU", 0) >= cfg.num_learners:
         need["GPU"] = float(cfg.num_learners)

@@ -2,7 +2,7 @@
 
 Each process owns one telemetry object for its role: `CoordinatorTelemetry` (the `mdpo train` driver),
 `LearnerTelemetry` (a LearnerWorker, including the distillation and gRPC metrics), `ActorTelemetry`
-(a RolloutWorker) and `EvaluatorTelemetry` (an Evaluator). Each has its own `CollectorRegistry`, so
+(a RolloutWorker) and `EvaluatorTelemetry` (an Evaluator, hosted by the first RolloutWorker of its learner). Each has its own `CollectorRegistry`, so
 several runs in one process never collide, and serves it with prometheus_client's HTTP server. We use
 prometheus_client rather than Ray's metrics export: Ray's export needs its dashboard/metrics agent
 (the embedded local Ray runs without it), and one endpoint per process keeps the labels exact.
@@ -381,12 +381,12 @@ class _LiveWorkers:
         with self._lock:
             if time.monotonic() - self._cache[0] < 1.0:
                 return self._cache[1]
-            workers = dict(self.telemetry.workers)
-            states = actor_states(workers)
+            workers = list(self.telemetry.workers.values())
+            states = actor_states({aid for aid, _ in workers})
             counts = None
             if states is not None:
                 counts = {kind: 0 for kind in ("learner", "actor", "evaluator")}
-                for aid, kind in workers.items():
+                for aid, kind in workers:     # an evaluator is alive when the rollout actor hosting it is
                     counts[kind] += states.get(aid) == "ALIVE"
             self._cache = (time.monotonic(), counts)
             return counts
@@ -431,9 +431,7 @@ class CoordinatorTelemetry(Telemetry):
         self.expected = m(Gauge, "coordinator_expected_workers", "Ray actors of each kind the run started.", ("kind",))
         self.failures = c(m(Counter, "coordinator_recovered_failures_total", "Learner/actor failures the run recovered "
                             "from by restarting from the latest checkpoint."))
-        self.workers: dict[str, str] = {}             # Ray actor id -> kind
-        self._evaluators: dict[int, object] = {}      # learner id -> evaluator handle whose endpoint was asked for
-        self._pending: dict = {}                      # ObjectRef of metrics_endpoint() -> learner id
+        self.workers: dict[str, tuple[str, str]] = {}   # instance -> (Ray actor id of its process, kind)
         self._failures_seen = 0
         self.live = _LiveWorkers(self)
         self.registry.register(self.live)
@@ -455,7 +453,7 @@ class CoordinatorTelemetry(Telemetry):
         self._child(self.expected, kind="actor").set(sum(len(group) for group in coordinator.actors))
         self._child(self.expected, kind="evaluator").set(len(coordinator.evaluators))
         self.endpoints = {self.instance: self.endpoint()}
-        self._refresh_endpoints(coordinator, actors_wait_s=120, evaluators_wait_s=120, quiet=True)   # printed by the CLI
+        self._refresh_endpoints(coordinator, actors_wait_s=120, quiet=True)   # printed by the CLI
         self.last_progress.set_to_current_time()
         self._last_time = time.perf_counter()
 
@@ -484,38 +482,27 @@ class CoordinatorTelemetry(Telemetry):
         self.failures.inc(max(0, failures - self._failures_seen))
         self._failures_seen = max(failures, self._failures_seen)
 
-    def _refresh_endpoints(self, coordinator, actors_wait_s: float, evaluators_wait_s: float = 0,
-                           quiet: bool = False) -> None:
-        """Learners restarted after a failure, rollout actors restarted by Ray and replaced evaluators serve on
-        new ports: re-read the endpoints and rewrite the targets files when one changed. Rollout actors are
-        idle between iterations; an evaluator may be busy, so its endpoint is picked up when it answers."""
+    def _refresh_endpoints(self, coordinator, actors_wait_s: float, quiet: bool = False) -> None:
+        """Learners restarted after a failure and rollout actors restarted by Ray (with the evaluators they host)
+        serve on new ports: re-read the endpoints and rewrite the targets files when one changed. Rollout actors
+        are idle between iterations (with the policy lag, a busy one answers after its rollout)."""
         import ray
 
         if self.cfg.metrics_port < 0:
             return
         found = [info["metrics"] for info in coordinator.learner_info if info.get("metrics")]
         actors = [a for group in coordinator.actors for a in group]
-        try:
-            found += ray.get([a.metrics_endpoint.remote() for a in actors], timeout=actors_wait_s)
+        try:   # an actor's own endpoint and, for the first actor of a learner, its evaluator's
+            found += [e for endpoints in ray.get([a.metrics_endpoints.remote() for a in actors],
+                                                 timeout=actors_wait_s) for e in endpoints]
         except Exception as err:  # an actor in the middle of a restart: try again next iteration
             log.warning("could not read the rollout actors' metrics endpoints: %s", err)
-        for i, handle in enumerate(coordinator.evaluators):
-            if self._evaluators.get(i) is not handle:
-                self._evaluators[i] = handle
-                self._pending[handle.metrics_endpoint.remote()] = i
-        if self._pending:
-            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=evaluators_wait_s)
-            for ref in ready:
-                self._pending.pop(ref)
-                try:
-                    found.append(ray.get(ref))
-                except Exception as err:  # that evaluator died; its replacement reports next time
-                    log.warning("could not read an evaluator's metrics endpoint: %s", err)
         changed = [e for e in found if e.get("address")
                    and self.endpoints.get(e["labels"]["instance"], {}).get("address") != e["address"]]
         for e in changed:
             self.endpoints[e["labels"]["instance"]] = e
-        self.workers = {e["ray_actor_id"]: e["labels"]["role"] for e in self.endpoints.values() if e.get("ray_actor_id")}
+        self.workers = {instance: (e["ray_actor_id"], e["labels"]["role"]) for instance, e in self.endpoints.items()
+                        if e.get("ray_actor_id")}
         if changed and not quiet:
             log.info("metrics endpoints: %s", ", ".join(f"{e['labels']['instance']} {e['address']}" for e in changed))
         if changed:

@@ -106,15 +106,22 @@ def test_tiny_bench_memory_table_json_and_time(tiny):
         assert x["peak_rss_bytes"] >= x["peak_pss_bytes"] > 0, kind
     assert kinds["learner"]["peak_rss_bytes"] > 100 * 2**20           # torch + an IMPALA-CNN at least
     assert mem["total_pss_peak_bytes"] >= max(x["peak_pss_bytes"] for x in kinds.values()) and mem["samples"] > 10
-    # The smoke preset evaluates every iteration: one evaluator per learner, measured in the stage phase, is added.
-    assert kinds["evaluator"]["processes"] == r["memory"]["evaluators"] == 2
+    # Evaluation runs inside the first actor of each learner: no process of its own.
+    assert "evaluator" not in kinds and "evaluator" not in r["memory"]["stages"]["kinds"]
+    # The smoke preset evaluates every iteration: what one evaluation beside collection added to its actor's peak,
+    # measured in the stage phase, is added once per learner.
+    ev = r["stages"]["evaluator"]
+    assert ev["episodes"] == bench_config("tiny").eval_episodes and ev["collects_beside"] >= 1
+    assert ev["added_pss_bytes"] == ev["evaluating_peak_pss_bytes"] - ev["actor_peak_pss_bytes"]
+    assert ev["actor_peak_pss_bytes"] > 100 * 2**20            # torch + Procgen's assets at least
     off, on = (r["end_to_end"][f"policy_lag_{x}"]["memory_total_pss_peak_bytes"] for x in ("off", "on"))
     assert max(off, on) == mem["total_pss_peak_bytes"]
-    assert r["memory"]["run_total_bytes"] == off + 2 * kinds["evaluator"]["peak_pss_bytes"]
-    assert r["stages"]["evaluator"]["episodes"] == bench_config("tiny").eval_episodes
+    assert r["memory"]["evaluators"] == 2
+    assert r["memory"]["evaluation_added_bytes"] == 2 * max(0, ev["added_pss_bytes"])
+    assert r["memory"]["run_total_bytes"] == off + r["memory"]["evaluation_added_bytes"]
     assert r["wall_seconds"] < wall
     for row in ("env bound", "actor bound", "learner bound", "end to end, policy lag off", "pipeline efficiency",
-                "sync minibatch: latency p50 / p99", "of which in the first step", "detached cost", "actor scaling", "a run of the preset"):
+                "sync minibatch: latency p50 / p99", "of which in the first step", "detached cost", "actor scaling", "evaluation in a rollout actor", "a run of the preset"):
         assert row in table
     assert table.endswith(format_table(r) + "\n")
 

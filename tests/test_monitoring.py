@@ -321,6 +321,11 @@ def test_killed_actor_is_restarted_counted_and_its_new_endpoint_listed(tmp_path)
         assert groups == json.loads((tmp_path / "runs" / "restart" / "prometheus_targets.json").read_text())
         assert {g["labels"]["role"] for g in groups} == set(ROLES) and len(groups) == 7
         victim = telemetry.endpoints["actor-0-0"]
+        # The first actor of each learner hosts that learner's evaluator: same process, an endpoint of its own.
+        for i in range(2):
+            hosted = telemetry.endpoints[f"evaluator-{i}"]
+            assert hosted["pid"] == telemetry.endpoints[f"actor-{i}-0"]["pid"]
+            assert hosted["address"] != telemetry.endpoints[f"actor-{i}-0"]["address"]
         assert sample(scrape(victim["address"]), "mdpo_actor_restarts_total", learner_id=0, actor_id=0) == 0
         os.kill(victim["pid"], signal.SIGKILL)
         coordinator.run()
@@ -328,6 +333,11 @@ def test_killed_actor_is_restarted_counted_and_its_new_endpoint_listed(tmp_path)
         assert reborn["pid"] != victim["pid"]
         groups = json.loads((tmp_path / "runs" / "prometheus" / "restart.json").read_text())
         assert reborn["address"] in [g["targets"][0] for g in groups if g["labels"]["instance"] == "actor-0-0"]
+        # The evaluator came back with its host, and evaluated the final weights there.
+        evaluator = telemetry.endpoints["evaluator-0"]
+        assert evaluator["pid"] == reborn["pid"]
+        assert evaluator["address"] in [g["targets"][0] for g in groups if g["labels"]["instance"] == "evaluator-0"]
+        assert sample(scrape(evaluator["address"]), "mdpo_evaluator_evaluations_total", learner_id=0) >= 1
         actor = scrape(reborn["address"])
         assert sample(actor, "mdpo_actor_restarts_total", run_id="restart", role="actor", learner_id=0, actor_id=0) == 1
         assert sample(actor, "mdpo_actor_env_steps_total", learner_id=0) > 0
