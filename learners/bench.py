@@ -39,7 +39,7 @@ import torch
 from actors.rollout import RolloutWorker, env_spec, remote_rollout_worker
 from learners.batch import Rollout, Weights
 from learners.config import TrainConfig, preset
-from learners.coordinator import WORKER_RUNTIME_ENV, Coordinator
+from learners.coordinator import Coordinator, init_local_ray
 from learners.distill_service import chunk_rows
 from learners.learner_worker import LearnerWorker
 from learners.memory import MemorySampler, cpu_seconds_by_kind, own_peak_rss_bytes
@@ -67,7 +67,7 @@ SIZES = {
     # PAPER.md's per-iteration shape (64 envs x 256 steps, 8 minibatches of 2048, 3 epochs). The learner stage uses
     # 2 of the 8 minibatches (same minibatch, epochs and schedules, so the same per-sample cost) and the actor stage
     # 32-step rollouts of the 64 envs; the end-to-end runs are full paper iterations.
-    "paper": BenchSize("paper", {}, iterations=3, scaling_iterations=3, learner_reps=1, stage_seconds=5.0,
+    "paper": BenchSize("paper", {}, iterations=3, scaling_iterations=3, learner_reps=2, stage_seconds=5.0,
                        learner_minibatches=2, actor_steps=32),
 }
 
@@ -166,7 +166,7 @@ def measure_actor_stages(cfg: TrainConfig, spec: BenchSize, memory: MemorySample
     stage_cfg = dataclasses.replace(cfg, num_steps=spec.actor_steps or cfg.num_steps,
                                     eval_every=preset(spec.preset).eval_every or 1)
     obs_shape, obs_dtype, num_actions = env_spec(cfg)
-    actor = remote_rollout_worker().options(num_cpus=cfg.actor_cpus, runtime_env=WORKER_RUNTIME_ENV).remote(
+    actor = remote_rollout_worker().options(num_cpus=cfg.actor_cpus).remote(
         stage_cfg, 0, 0, cfg.seed, 10**8)
     try:
         weights = Weights.from_module(0, make_agent(obs_shape, obs_dtype, num_actions))
@@ -213,8 +213,7 @@ def measure_learners(cfg: TrainConfig, spec: BenchSize) -> dict:
         cfg = dataclasses.replace(cfg, num_steps=cfg.minibatch_size * spec.learner_minibatches // cfg.num_envs,
                                   num_minibatches=spec.learner_minibatches)
     obs_shape, obs_dtype, num_actions = env_spec(cfg)
-    remote = ray.remote(LearnerWorker).options(num_cpus=cfg.learner_cpus, max_concurrency=2,
-                                                runtime_env=WORKER_RUNTIME_ENV)
+    remote = ray.remote(LearnerWorker).options(num_cpus=cfg.learner_cpus, max_concurrency=2)
     learners = [remote.remote(cfg, i, obs_shape, obs_dtype, num_actions) for i in range(cfg.num_learners)]
     iteration = 0
 
@@ -348,7 +347,7 @@ def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | 
     needed = cfg.num_learners * (cfg.learner_cpus + max(max_actors, cfg.num_actors) * cfg.actor_cpus)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        ray.init(num_cpus=max(cores, math.ceil(needed)), include_dashboard=False, log_to_driver=False)
+        init_local_ray(max(cores, math.ceil(needed)), log_to_driver=False)
     out: dict = {"size": size, "env_id": cfg.env_id,
                  "machine": {"cores": cores, "python": platform.python_version(), "torch": torch.__version__,
                              "ray": ray.__version__, "torch_threads_per_learner": cfg.learner_threads or

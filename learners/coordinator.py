@@ -30,9 +30,18 @@ from learners.telemetry import CoordinatorTelemetry, with_run_id
 log = logging.getLogger("mdpo")
 
 # Learner and actor processes malloc from several threads (gRPC, peer fetches, evaluation); glibc's default of up to
-# 8 arenas per core keeps freed activation and frame buffers in each. Two arenas cut a paper-shape learner's peak by
-# ~90 MB at the same update speed (measured with `mdpo bench`). Ray merges these env vars into a job's runtime_env.
-WORKER_RUNTIME_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
+# 8 arenas per core keeps freed activation and frame buffers in each. Two arenas cut a smoke-shape learner's peak PSS
+# 653 -> 564 MB at the same update speed (`mdpo bench`). Set in the environment the embedded Ray's processes inherit
+# (a per-actor runtime_env would keep Ray from reusing its pre-started workers, which then idle at ~45 MB each); the
+# cluster image (deploy/Dockerfile) and deploy/runtime_env.yaml set it for cluster runs.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
+def init_local_ray(num_cpus: int, log_to_driver: bool = True) -> None:
+    """Start an embedded single-node Ray whose worker processes inherit WORKER_ENV (a value the user set wins)."""
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
 
 
 class RunStopped(Exception):
@@ -76,7 +85,7 @@ def connect_ray(cfg: TrainConfig) -> bool:
                               "or drop --ray-address to use an embedded local Ray") from None
         return False
     needed = cfg.num_learners * (cfg.learner_cpus + cfg.num_actors * cfg.actor_cpus)
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False, log_to_driver=True)
+    init_local_ray(max(os.cpu_count() or 1, math.ceil(needed)))
     return True
 
 
@@ -177,7 +186,7 @@ class Coordinator:
         log.info("placing rollout actors and evaluators with %s", self._actor_placement or "no node constraint")
         self._remote_actor = remote_rollout_worker().options(
             num_cpus=cfg.actor_cpus, max_restarts=cfg.actor_max_restarts, max_task_retries=cfg.actor_max_restarts,
-            runtime_env=WORKER_RUNTIME_ENV, **self._actor_placement)
+            **self._actor_placement)
         self.actors = [[self._new_actor(i, a) for a in range(cfg.num_actors)] for i in range(cfg.num_learners)]
         if self.resume:
             self._restore()
@@ -191,8 +200,7 @@ class Coordinator:
         learner_opts, obs_shape, obs_dtype, num_actions = self._learner_args
         token = os.environ.get(self.cfg.grpc_token_env) or None     # read here, handed over, never stored
         # max_concurrency 2: control calls (state, stop) are not stuck behind a blocked update
-        remote_learner = ray.remote(LearnerWorker).options(**learner_opts, max_concurrency=2,
-                                                            runtime_env=WORKER_RUNTIME_ENV)
+        remote_learner = ray.remote(LearnerWorker).options(**learner_opts, max_concurrency=2)
         self.learners = [remote_learner.remote(self.cfg, i, obs_shape, obs_dtype, num_actions, token)
                          for i in range(self.cfg.num_learners)]
         self.learner_info = ray.get([l.info.remote() for l in self.learners])

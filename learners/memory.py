@@ -8,6 +8,7 @@ counts shared pages (libtorch, the object store's shared memory) once per proces
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import threading
@@ -66,13 +67,17 @@ class MemorySampler:
 
     RSS (cheap: /proc/PID/statm) every `interval_s`; PSS (smaps_rollup, ~10 ms per big process) only when the
     total RSS is within 3% of the phase's highest so far, at most every `pss_interval_s` (and at least every
-    `pss_max_gap_s`): the peak of the total is caught without the sampler eating a good part of a core.
-    `cpu_seconds` is the sampler's own CPU time, to be told apart from the driver's.
+    `pss_max_gap_s`): the peak of the total is caught without the sampler eating a good part of a core. The process
+    tree itself (a walk over every process of the machine) is re-read every `tree_interval_s` and at phase edges.
+    `cpu_seconds` is the sampler's own CPU time, to be told apart from the driver's: it competes with the run.
     """
 
-    def __init__(self, interval_s: float = 0.25, pss_interval_s: float = 1.0, pss_max_gap_s: float = 5.0,
-                 driver_pid: int | None = None):
+    def __init__(self, interval_s: float = 0.25, pss_interval_s: float = 2.0, pss_max_gap_s: float = 5.0,
+                 tree_interval_s: float = 2.0, driver_pid: int | None = None):
         self.interval_s, self.pss_interval_s, self.pss_max_gap_s = interval_s, pss_interval_s, pss_max_gap_s
+        self.tree_interval_s = tree_interval_s
+        self._tree: list[psutil.Process] = []
+        self._tree_time = -math.inf
         self.driver_pid = driver_pid or os.getpid()
         self.cpu_seconds = 0.0
         self._phase: str | None = None
@@ -117,10 +122,8 @@ class MemorySampler:
             phase = self._phase
         if phase is None:
             return
-        try:
-            root = psutil.Process(self.driver_pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
+        procs = self._processes(refresh=pss is True)
+        if not procs:
             return
         seen = []
         for proc in procs:
@@ -157,6 +160,17 @@ class MemorySampler:
                 self._total_pss[phase] = max(self._total_pss[phase], sum(pss_of.values()))
             self._samples[phase] += 1
             self.cpu_seconds += time.thread_time() - t_cpu
+
+    def _processes(self, refresh: bool) -> list[psutil.Process]:
+        now = time.monotonic()
+        if refresh or now - self._tree_time >= self.tree_interval_s:
+            try:
+                root = psutil.Process(self.driver_pid)
+                self._tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                self._tree = []
+            self._tree_time = now
+        return self._tree
 
     def summary(self, *phases: str) -> dict:
         """Peaks over the given phases: per kind the largest single process (RSS and PSS), the number of

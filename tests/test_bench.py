@@ -149,7 +149,7 @@ def test_bounds_pick_the_slowest_stage():
 
 def test_memory_sampler_sees_a_child_process_peak_and_its_kind():
     code = "import numpy as np, time; a = np.ones(150 * 2**20 // 8); time.sleep(1.5)"
-    with MemorySampler(interval_s=0.05) as sampler:
+    with MemorySampler(interval_s=0.05, tree_interval_s=0.2) as sampler:   # the child is found within 0.2 s
         with sampler.phase("child"):
             proc = subprocess.Popen([sys.executable, "-c", code])
             proc.wait(60)
@@ -191,3 +191,27 @@ def test_bad_bench_arguments_fail_before_any_measurement(tmp_path, args, says):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and says in proc.stderr, proc.stderr
     assert "Started a local Ray" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_embedded_ray_workers_inherit_the_malloc_arena_limit(monkeypatch):
+    """Learners and actors of an embedded Ray run with two malloc arenas (less memory, same speed); a value the
+    user set is kept."""
+    import ray
+
+    from learners.coordinator import init_local_ray
+
+    def worker_env() -> str | None:
+        return os.environ.get("MALLOC_ARENA_MAX")
+
+    for user_value, expected in ((None, "2"), ("4", "4")):
+        if user_value is None:
+            monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+        else:
+            monkeypatch.setenv("MALLOC_ARENA_MAX", user_value)
+        assert not ray.is_initialized()
+        init_local_ray(1)
+        try:
+            assert ray.get(ray.remote(num_cpus=0)(worker_env).remote()) == expected
+        finally:
+            ray.shutdown()
