@@ -32,6 +32,7 @@ import re
 import socket
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -110,8 +111,12 @@ def restart_count() -> int:
             return 0
         ctx = ray.get_runtime_context()
         actor_id = ctx.get_actor_id()
-        if actor_id is None or not ctx.was_current_actor_reconstructed:
+        if actor_id is None:
             return 0
+        with warnings.catch_warnings():   # Ray's own property reads its deprecated `actor_id`: not ours to fix
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if not ctx.was_current_actor_reconstructed:
+                return 0
     except Exception:
         return 0
     try:
