@@ -97,6 +97,8 @@ def preflight(cfg: TrainConfig) -> None:
     elif cfg.grpc_port:   # on a local run the learners bind on this machine
         for port in range(cfg.grpc_port, cfg.grpc_port + cfg.num_learners):
             with socket.socket() as sock:
+                # As gRPC's own listener does: a previous run's connections in TIME_WAIT do not block the port.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     sock.bind((cfg.grpc_host, port))
                 except OSError as err:

@@ -163,23 +163,42 @@ def test_sigterm_checkpoints_stops_everything_and_frees_ports(tmp_path):
     try:
         wait_for(lambda: iterations_logged(run) >= 2, 240, proc, "2 iterations")
         proc.send_signal(signal.SIGTERM)
-        out = finish(proc, timeout=120)
+        out, _ = proc.communicate(timeout=120)
+        # Checked before cleanup() so a process the run left behind is seen, not killed first.
+        assert proc.returncode == 128 + signal.SIGTERM, out[-5000:]
+        leftovers = []
+        for _ in range(20):
+            leftovers = [p for p in psutil.process_iter() if _sid(p) == proc.pid]
+            if not leftovers:
+                break
+            time.sleep(0.5)
+        assert not leftovers, [_cmdline(p) for p in leftovers]
+        ports = [int(p) for p in re.findall(r"learner \d: gRPC 127\.0\.0\.1:(\d+)", out)]
+        assert len(ports) == 2
+        for port in ports:
+            holders = [(c.pid, c.status) for c in psutil.net_connections("tcp")
+                       if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN]
+            assert not holders, f"port {port} still has a listener: {holders}"
+            with socket.socket() as sock:
+                # A closed server's accepted connections may sit in TIME_WAIT; a new server binds over
+                # those (SO_REUSEADDR, as gRPC does) but never over a live listener.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
     finally:
         cleanup(proc)
-    assert proc.returncode == 128 + signal.SIGTERM, out[-5000:]
     done = iterations_logged(run)
     assert (run / "checkpoints" / f"ckpt-{done:06d}" / "manifest.json").exists()
-    ports = [int(p) for p in re.findall(r"learner \d: gRPC 127\.0\.0\.1:(\d+)", out)]
-    assert len(ports) == 2
-    for port in ports:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", port))                          # released
-    time.sleep(2)
-    leftovers = [p for p in psutil.process_iter() if _sid(p) == proc.pid]
-    assert not leftovers, [p.cmdline() for p in leftovers]
     assert f"mdpo train --resume {run}" in out
     checkpoint_steps = json.loads((run / "checkpoints" / f"ckpt-{done:06d}" / "state.json").read_text())["env_steps"]
     FAULT_REPORT.append(("SIGTERM (graceful stop)", 1, 1, abs(2 * done * BATCH - sum(checkpoint_steps))))
+
+
+def _cmdline(p):
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return p.pid
 
 
 def _sid(p):
