@@ -7,6 +7,7 @@ production, see distill_service.py), and the peer side of a sync is `serve_logit
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import threading
 import time
@@ -37,6 +38,11 @@ class SyncPoint:
 
 class SyncError(RuntimeError):
     """A sync request does not fit this learner's state (wrong peer, wrong step, timed out)."""
+
+
+# Detached mode: weights kept for sync steps my peers have not read yet, so I step on without waiting for them.
+# Two let me run one sync ahead of the slowest peer; a learner further ahead waits (backpressure, sync time).
+SNAPSHOT_SLOTS = 2
 
 
 class NonFiniteError(RuntimeError):
@@ -89,6 +95,10 @@ class Learner:
         self._served: Counter[int] = Counter()       # step -> peers whose logits request was answered
         self._grads_in: Counter[int] = Counter()     # step -> peers whose gradient was applied (exact mode)
         self._kept: dict[tuple[int, int], list[torch.Tensor]] = {}   # (peer, step) -> logits with graph
+        self._snapshots: dict[int, torch.nn.Module] = {}   # detached mode: step -> my weights at that step
+        self._free_snapshots: list[torch.nn.Module] = []
+        self._live_readers = 0                             # detached-mode streams reading self.agent right now
+        self.snapshot_reads = 0                            # chunks served from kept weights
         self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.num_learners - 1), thread_name_prefix="peer")
 
     # ----------------------------------------------------------------- peers
@@ -131,6 +141,8 @@ class Learner:
                 if window is not None:
                     sync = SyncPoint(self.id, plan.iteration, sync_index, self.step)
                     sync_index += 1
+                    if not exact:
+                        self._keep_snapshot(sync.step, sync_stats)
                     self._finish_fetches(fetches, sync_stats)
                     # Stream the window in the order the minibatches use it: each waits only for its own rows.
                     order = perm if len(window) == batch.size else window
@@ -214,12 +226,16 @@ class Learner:
             futures = [self._pool.submit(p.send_grad, sync, live[p.peer_id].grad.cpu().numpy()) for p in self.peers]
             sync_stats.bytes_sent += sum(f.result() for f in futures)
             sync_stats.seconds += time.perf_counter() - t0
-        if sync is not None:
+        if exact:   # the peers' gradients flow into this step: it waits for every one of them
             t0 = time.perf_counter()
-            self._wait_for_peers(sync.step, grads=exact)
+            self._wait_for_peers(sync.step, grads=True)
             sync_stats.seconds += time.perf_counter() - t0
 
         with self._cond:
+            if self._live_readers:   # a peer's chunk is being computed on these weights (served before a snapshot)
+                t0 = time.perf_counter()
+                self._cond.wait_for(lambda: not self._live_readers)
+                sync_stats.seconds += time.perf_counter() - t0
             grad_norm = torch.nn.utils.clip_grad_norm_(self.agent.parameters(), cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -228,9 +244,10 @@ class Learner:
             # Zeroed in the same critical section so a peer's gradient for the next step is never wiped.
             self.optimizer.zero_grad(set_to_none=True)
             self._kept = {k: v for k, v in self._kept.items() if k[1] > self.step}
-            self._served.pop(self.step, None)
             self._grads_in.pop(self.step, None)
             self.step += 1
+            need = len(self.peers)
+            self._served = Counter({s: n for s, n in self._served.items() if s >= self.step or n < need})
             self._cond.notify_all()
 
         new_logprob = torch.cat(new_logprobs)
@@ -286,6 +303,60 @@ class Learner:
         sync_stats.syncs += 1
         sync_stats.latencies.append(max(f.latency for f in fetches))
 
+    def _keep_snapshot(self, step: int, sync_stats: SyncStats) -> None:
+        """Detached mode, at my sync step: keep a copy of my weights for the peers that have not read them yet, so
+        I do not wait for them before my optimizer step. Waits (sync time) only when every slot is still unread."""
+        need = len(self.peers)
+        t0 = time.perf_counter()
+        with self._cond:
+            if self._served[step] >= need or step in self._snapshots:
+                return                            # every peer already read my live weights at this step
+            ok = self._cond.wait_for(lambda: len(self._snapshots) < SNAPSHOT_SLOTS, timeout=self.cfg.sync_timeout_s)
+            if not ok:
+                raise SyncError(f"learner {self.id}: peers did not read my weights of steps {sorted(self._snapshots)} "
+                                f"within {self.cfg.sync_timeout_s}s; is a peer down?")
+            net = self._free_snapshots.pop() if self._free_snapshots else copy.deepcopy(self.agent).requires_grad_(False)
+            with torch.no_grad():
+                for mine, kept in zip(self.agent.state_dict().values(), net.state_dict().values()):
+                    kept.copy_(mine)
+            self._snapshots[step] = net
+            self._cond.notify_all()
+        sync_stats.seconds += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def _weights_at(self, step: int) -> Iterator[torch.nn.Module]:
+        """Detached mode: my network at exactly `step`, kept or live. Live weights are read only while I am at
+        `step`, and my optimizer step waits for the read to end."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: step in self._snapshots or self.step >= step,
+                                       timeout=self.cfg.sync_timeout_s):
+                raise SyncError(f"learner {self.id}: did not reach step {step} within {self.cfg.sync_timeout_s}s "
+                                f"(at step {self.step})")
+            net = self._snapshots.get(step)
+            if net is None and self.step != step:
+                raise SyncError(f"learner {self.id}: weights of step {step} are not kept (at step {self.step})")
+            live = net is None
+            self.snapshot_reads += not live
+            if live:
+                net = self.agent
+                self._live_readers += 1
+        try:
+            yield net
+        finally:
+            if live:
+                with self._cond:
+                    self._live_readers -= 1
+                    self._cond.notify_all()
+
+    def forget_syncs(self) -> None:
+        """Drop every sync in progress (kept weights, counts): my step is about to be set from a checkpoint."""
+        with self._cond:
+            self._free_snapshots.extend(self._snapshots.values())
+            self._snapshots.clear()
+            self._served.clear()
+            self._grads_in.clear()
+            self._kept.clear()
+
     def _wait_for_peers(self, step: int, grads: bool) -> None:
         """Barrier: every peer has read my weights at `step` (and, in exact mode, sent its gradient)."""
         need = len(self.peers)
@@ -303,7 +374,7 @@ class Learner:
     def steps_per_iteration(self) -> int:
         return self.cfg.update_epochs * self.cfg.num_minibatches
 
-    def _check_sync(self, sync: SyncPoint) -> None:
+    def _check_sync(self, sync: SyncPoint, wait: bool) -> None:
         if sync.peer_id not in self.peer_ids:
             raise SyncError(f"learner {self.id}: unknown peer id {sync.peer_id} (peers: {sorted(self.peer_ids)})")
         if sync.step < 0 or sync.step // self.steps_per_iteration != sync.iteration:
@@ -311,6 +382,8 @@ class Learner:
         with self._cond:
             if sync.step > self.step + self.steps_per_iteration:
                 raise SyncError(f"learner {self.id}: unknown weight version {sync.step} (at step {self.step})")
+            if not wait:
+                return
             self._cond.wait_for(lambda: self.step >= sync.step, timeout=self.cfg.sync_timeout_s)
             if self.step != sync.step:
                 raise SyncError(f"learner {self.id}: sync for step {sync.step} but this learner is at step {self.step}")
@@ -318,10 +391,11 @@ class Learner:
     def serve_logits(self, sync: SyncPoint, chunks: Iterable[np.ndarray], keep_graph: bool) -> Iterator[np.ndarray]:
         """Logits of my policy on a peer's observations, chunk by chunk, at exactly step `sync.step`.
 
-        My own update does not step past `sync.step` until this stream finished (see _wait_for_peers),
-        so every chunk sees the same weights.
+        Exact mode (`keep_graph`): my live weights; my update does not step past `sync.step` until the peer's
+        gradient is back (see _wait_for_peers). Detached mode: my weights at `sync.step`, kept or live
+        (_weights_at), so I need not wait for the peer.
         """
-        self._check_sync(sync)
+        self._check_sync(sync, wait=keep_graph)
         kept: list[torch.Tensor] = []
         rows = 0
         for obs in chunks:
@@ -338,13 +412,15 @@ class Learner:
                 logits = self.agent.logits(x)
                 kept.append(logits)
             else:
-                with torch.no_grad():
-                    logits = self.agent.logits(x)
+                with self._weights_at(sync.step) as net, torch.no_grad():
+                    logits = net.logits(x)
             yield logits.detach().cpu().numpy()
         with self._cond:
             if keep_graph:
                 self._kept[(sync.peer_id, sync.step)] = kept
             self._served[sync.step] += 1
+            if self._served[sync.step] >= len(self.peers) and sync.step in self._snapshots:
+                self._free_snapshots.append(self._snapshots.pop(sync.step))   # read by every peer
             self._cond.notify_all()
 
     def apply_peer_grad(self, sync: SyncPoint, grad: np.ndarray) -> None:

@@ -92,6 +92,7 @@ class LearnerWorker:
         if state["learner_id"] != self.id:
             raise ValueError(f"checkpoint is for learner {state['learner_id']}, not {self.id}")
         learner = self.learner
+        learner.forget_syncs()
         learner.agent.load_state_dict(state["model"])
         learner.optimizer.load_state_dict(state["optimizer"])
         learner.step, learner.iteration = int(state["step"]), int(state["iteration"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -49,11 +50,13 @@ class LearnerPair:
             learner.connect(peers)
             self.clients.extend(peers)
 
-    def update_all(self, rollouts, plan) -> list[dict]:
+    def update_all(self, rollouts, plan, delays=None) -> list[dict]:
+        """Every learner's update in a thread of its own; learner i starts `delays[i]` seconds late."""
         results, errors = [None] * len(self.learners), []
 
         def run(i):
             try:
+                time.sleep(delays[i] if delays else 0)
                 results[i] = self.learners[i].update([rollouts[i]], plan)
             except BaseException as err:  # surfaced below
                 errors.append(err)

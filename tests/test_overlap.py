@@ -76,6 +76,29 @@ def test_streamed_syncs_and_microbatches_equal_the_single_process_update(sync, m
         pair.close()
 
 
+def test_a_learner_ahead_steps_on_and_its_peer_reads_the_kept_weights():
+    """Detached mode: a learner whose peer starts late does not wait at each sync for the peer to read its
+    weights; the peer reads them later from the kept copy, and both still end where the single-process update
+    does."""
+    cfg = TrainConfig(env_id="CartPole-v1", alpha=1.0, sync="minibatch", num_envs=4, num_steps=8, num_minibatches=4,
+                      update_epochs=2, learning_rate=1e-2, rpc_timeout_s=30, sync_timeout_s=30)
+    plan = IterationPlan(0, 5, cfg.batch_size, 4, 2, "minibatch", True, cfg.learning_rate)
+    rollouts = [synthetic_rollout(i, (4,), "float32", 2, 8, 4, seed=30 + i) for i in range(2)]
+    pair = LearnerPair(cfg, (4,), "float32", 2)
+    try:
+        reference = [copy.deepcopy(l.agent) for l in pair.learners]
+        pair.update_all(rollouts, plan, delays=[0.0, 1.0])
+        detached_reference(reference, rollouts, cfg, plan)
+        for learner, ref in zip(pair.learners, reference):
+            for (name, p), ref_p in zip(learner.agent.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+        ahead, late = pair.learners
+        assert ahead.snapshot_reads >= 1        # step 0's weights, read after learner 0 had stepped past them
+        assert ahead._snapshots == {} and late._snapshots == {}     # every kept copy was read and let go
+    finally:
+        pair.close()
+
+
 def test_exact_mode_with_microbatches_still_equals_the_joint_update():
     """Exact mode: the KL gradient of each micro-batch flows into the slice of the peer's logits it used."""
     from tests.test_exact_mode import reference_update
