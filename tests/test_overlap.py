@@ -191,3 +191,32 @@ def test_policy_lag_reaches_the_exact_step_total_across_a_stop_with_a_rollout_in
     assert all(lag == lags[0] + 16 for i, lag in enumerate(lags) if i + 1 not in unlagged)
     for learner in summary["learners"]:
         assert learner["final_train_return"] >= 400, summary
+
+
+def test_loading_a_checkpoint_drops_the_weights_kept_for_peers():
+    """After a restore, a peer asking for step s gets the restored weights, never a copy kept before the restore."""
+    from learners.learner import SyncPoint, SyncStats
+    from learners.learner_worker import LearnerWorker
+
+    cfg = TrainConfig(env_id="CartPole-v1", alpha=1.0, num_envs=4, num_steps=8, num_minibatches=2, update_epochs=1,
+                      metrics_port=-1, rpc_timeout_s=30, sync_timeout_s=5)
+    workers = [LearnerWorker(cfg, i, (4,), "float32", 2) for i in range(2)]
+    try:
+        addresses = {w.id: w.address() for w in workers}
+        for w in workers:
+            w.connect(addresses)
+        learner = workers[0].learner
+        learner._keep_snapshot(0, SyncStats())              # step 0's weights, not yet read by the peer
+        with torch.no_grad():
+            for p in learner.agent.parameters():
+                p.add_(0.5)
+        restored = workers[0].state()                       # other weights, same step: a checkpoint to restore
+        workers[0].load_state(restored)
+        obs = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+        logits, _, _ = workers[1].clients[0].fetch_logits(SyncPoint(1, 0, 0, 0), obs, False)
+        with torch.no_grad():
+            expected = learner.agent.logits(torch.from_numpy(obs)).numpy()
+        np.testing.assert_allclose(logits, expected, rtol=1e-6)
+    finally:
+        for w in workers:
+            w.stop()
