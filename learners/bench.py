@@ -209,6 +209,11 @@ def _window_rows(plan: IterationPlan) -> int:
     return total
 
 
+def _both_done(updates: list[dict]) -> float:
+    """The learners update side by side; an update is done when every one is."""
+    return max(s["update_seconds"] for s in updates)
+
+
 def measure_learners(cfg: TrainConfig, spec: BenchSize) -> dict:
     if spec.learner_minibatches:
         cfg = dataclasses.replace(cfg, num_steps=cfg.minibatch_size * spec.learner_minibatches // cfg.num_envs,
@@ -238,15 +243,14 @@ def measure_learners(cfg: TrainConfig, spec: BenchSize) -> dict:
             for sync, reps in by_sync.items():
                 reps.append(run(sync))                                   # one entry per learner
             # The detached-mode budget: the PPO-only update plus a forward pass over the states peers send.
-            ppo_reps.append(max(s["update_seconds"] for s in run(cfg.sync, distill=False)))
+            ppo_reps.append(_both_done(run(cfg.sync, distill=False)))
             forward_reps.append(max(ray.get([l.__ray_call__.remote(_probe_forward, rows) for l in learners])))
         schedules = {}
         for sync, reps in by_sync.items():
             flat = [s for rep in reps for s in rep]
             latencies = [x for s in flat for x in s["sync_latencies"]]
             update, syncs = sum(s["update_seconds"] for s in flat), sum(s["syncs"] for s in flat)
-            # The learners update side by side; an update is done when both are. Fastest repetition, as in _best_rate.
-            wall = min(max(s["update_seconds"] for s in rep) for rep in reps)
+            wall = min(_both_done(rep) for rep in reps)        # fastest repetition, as in _best_rate
             schedules[sync] = {
                 "samples_per_second": flat[0]["samples"] / wall,
                 "syncs_per_iteration": syncs / len(flat),
@@ -259,6 +263,7 @@ def measure_learners(cfg: TrainConfig, spec: BenchSize) -> dict:
             }
         ppo_only, forward = min(ppo_reps), min(forward_reps)
         detached = schedules[cfg.sync]
+        detached_reps = [_both_done(rep) for rep in by_sync[cfg.sync]]
     finally:
         for l in learners:
             try:
@@ -266,9 +271,8 @@ def measure_learners(cfg: TrainConfig, spec: BenchSize) -> dict:
             except ray.exceptions.RayError:
                 pass          # already gone: nothing to stop
             ray.kill(l)
-    rounds = [{"update_seconds": max(s["update_seconds"] for s in rep), "ppo_only_seconds": ppo,
-               "forward_seconds": fwd, "ratio": max(s["update_seconds"] for s in rep) / (ppo + fwd)}
-              for rep, ppo, fwd in zip(by_sync[cfg.sync], ppo_reps, forward_reps)]
+    rounds = [{"update_seconds": update, "ppo_only_seconds": ppo, "forward_seconds": fwd, "ratio": update / (ppo + fwd)}
+              for update, ppo, fwd in zip(detached_reps, ppo_reps, forward_reps)]
     return {
         "learner": {"samples_per_second": detached["samples_per_second"], "learners": cfg.num_learners,
                     "batch": cfg.batch_size, "minibatch": cfg.minibatch_size, "epochs": cfg.update_epochs,

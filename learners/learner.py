@@ -228,7 +228,7 @@ class Learner:
             sync_stats.seconds += time.perf_counter() - t0
         if exact:   # the peers' gradients flow into this step: it waits for every one of them
             t0 = time.perf_counter()
-            self._wait_for_peers(sync.step, grads=True)
+            self._wait_for_peers(sync.step)
             sync_stats.seconds += time.perf_counter() - t0
 
         with self._cond:
@@ -316,9 +316,7 @@ class Learner:
                 raise SyncError(f"learner {self.id}: peers did not read my weights of steps {sorted(self._snapshots)} "
                                 f"within {self.cfg.sync_timeout_s}s; is a peer down?")
             net = self._free_snapshots.pop() if self._free_snapshots else copy.deepcopy(self.agent).requires_grad_(False)
-            with torch.no_grad():
-                for mine, kept in zip(self.agent.state_dict().values(), net.state_dict().values()):
-                    kept.copy_(mine)
+            net.load_state_dict(self.agent.state_dict())     # copies into the slot's tensors in place
             self._snapshots[step] = net
             self._cond.notify_all()
         sync_stats.seconds += time.perf_counter() - t0
@@ -357,13 +355,12 @@ class Learner:
             self._grads_in.clear()
             self._kept.clear()
 
-    def _wait_for_peers(self, step: int, grads: bool) -> None:
-        """Barrier: every peer has read my weights at `step` (and, in exact mode, sent its gradient)."""
+    def _wait_for_peers(self, step: int) -> None:
+        """Exact-mode barrier: every peer has read my weights at `step` and sent its gradient back."""
         need = len(self.peers)
         with self._cond:
-            ok = self._cond.wait_for(
-                lambda: self._served[step] >= need and (not grads or self._grads_in[step] >= need),
-                timeout=self.cfg.sync_timeout_s)
+            ok = self._cond.wait_for(lambda: self._served[step] >= need and self._grads_in[step] >= need,
+                                     timeout=self.cfg.sync_timeout_s)
         if not ok:
             raise SyncError(f"learner {self.id}: peers did not complete the sync at step {step} within "
                             f"{self.cfg.sync_timeout_s}s (served {self._served[step]}/{need}, "

@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 
 from learners.batch import Rollout
 from learners.config import TrainConfig
@@ -77,6 +78,12 @@ class LearnerPair:
             s.stop(None)
         for learner in self.learners:
             learner.close()
+
+
+def assert_same_parameters(net, reference, rtol=1e-4, atol=1e-5):
+    """Every parameter of `net` equals the one of `reference` in the same place."""
+    for (name, p), ref_p in zip(net.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=rtol, atol=atol, msg=name)
 
 
 def make_certificates(directory, hosts=("127.0.0.1", "localhost")):

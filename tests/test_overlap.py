@@ -17,7 +17,7 @@ from learners.batch import Batch
 from learners.config import TrainConfig
 from learners.peer_fetch import IndexedRows, PeerFetch
 from learners.schedule import IterationPlan
-from tests.helpers import LearnerPair, synthetic_rollout
+from tests.helpers import LearnerPair, assert_same_parameters, synthetic_rollout
 
 
 def detached_reference(agents, rollouts, cfg: TrainConfig, plan: IterationPlan):
@@ -66,8 +66,7 @@ def test_streamed_syncs_and_microbatches_equal_the_single_process_update(sync, m
         stats = pair.update_all(rollouts, plan)
         detached_reference(reference, rollouts, cfg, plan)
         for learner, ref in zip(pair.learners, reference):
-            for (name, p), ref_p in zip(learner.agent.named_parameters(), ref.parameters()):
-                torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+            assert_same_parameters(learner.agent, ref)
         for s in stats:
             assert s["syncs"] == plan.sync_points() and s["sync_bytes_received"] > 0
             assert 0 <= s["sync_seconds"] <= s["update_seconds"]
@@ -90,8 +89,7 @@ def test_a_learner_ahead_steps_on_and_its_peer_reads_the_kept_weights():
         pair.update_all(rollouts, plan, delays=[0.0, 1.0])
         detached_reference(reference, rollouts, cfg, plan)
         for learner, ref in zip(pair.learners, reference):
-            for (name, p), ref_p in zip(learner.agent.named_parameters(), ref.parameters()):
-                torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+            assert_same_parameters(learner.agent, ref)
         ahead, late = pair.learners
         assert ahead.snapshot_reads >= 1        # step 0's weights, read after learner 0 had stepped past them
         assert ahead._snapshots == {} and late._snapshots == {}     # every kept copy was read and let go
@@ -114,8 +112,7 @@ def test_exact_mode_with_microbatches_still_equals_the_joint_update():
         pair.update_all(rollouts, plan)
         reference_update(reference, rollouts, cfg, plan)
         for learner, ref in zip(pair.learners, reference):
-            for (name, p), ref_p in zip(learner.agent.named_parameters(), ref.parameters()):
-                torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+            assert_same_parameters(learner.agent, ref)
     finally:
         pair.close()
 
