@@ -20,7 +20,9 @@ import numpy as np
 from gymnasium.spaces import Box, Discrete
 from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 from gymnasium.vector.utils import batch_space
-from gymnasium.wrappers.vector import ClipReward, NormalizeReward, RecordEpisodeStatistics
+from gymnasium.wrappers.vector import ClipReward, RecordEpisodeStatistics
+
+from actors.reward_normalization import NormalizeReturn
 
 if TYPE_CHECKING:
     import procgen
@@ -221,23 +223,23 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, *, num_levels: int = 
     env.action_space.seed(seed)  # so random-action warm-ups and tests are reproducible too
     # Statistics first: reported episode returns must be in the game's own units, not normalised ones.
     env = RecordEpisodeStatistics(env)
-    if normalize_reward:
-        env = NormalizeReward(env, gamma=gamma)
+    if normalize_reward:   # the authors' arithmetic (gym 0.23.1), see actors/reward_normalization.py
+        env = NormalizeReturn(env, gamma=gamma)
     if clip_reward is not None:
         env = ClipReward(env, -clip_reward, clip_reward)
     return env
 
 
-def _find_normalizer(env: VectorEnv) -> NormalizeReward | None:
+def _find_normalizer(env: VectorEnv) -> NormalizeReturn | None:
     while isinstance(env, VectorWrapper):
-        if isinstance(env, NormalizeReward):
+        if isinstance(env, NormalizeReturn):
             return env
         env = env.env
     return None
 
 
 def get_reward_normalizer_state(env: VectorEnv) -> dict[str, float | list[float]]:
-    """NormalizeReward statistics as plain Python numbers (safe for JSON and torch.load(weights_only=True))."""
+    """NormalizeReturn statistics as plain Python numbers (safe for JSON and torch.load(weights_only=True))."""
     norm = _find_normalizer(env)
     if norm is None:
         return {}
@@ -252,7 +254,7 @@ def set_reward_normalizer_state(env: VectorEnv, state: dict[str, float | list[fl
         return
     norm = _find_normalizer(env)
     if norm is None:
-        raise ValueError("Got reward-normaliser state, but this env has no NormalizeReward wrapper; "
+        raise ValueError("Got reward-normaliser state, but this env has no NormalizeReturn wrapper; "
                          "build it with normalize_reward=True or drop the state.")
     accumulated = np.asarray(state["accumulated_reward"], dtype=norm.accumulated_reward.dtype)
     if accumulated.shape != norm.accumulated_reward.shape:

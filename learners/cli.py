@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue the run in RUN_DIR from its latest good checkpoint to the requested total")
     train.add_argument("--log-level", default="INFO")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (preset, overrides, --resume's saved config) as JSON and exit "
+                            "without starting anything")
     _add_config_flags(train)
     _add_study_commands(sub)
     _add_bench_command(sub)
@@ -70,7 +74,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
                             help=f"{helps.get(f.name, '')} (default {f.default!r})")
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
+def resolve_config(args: argparse.Namespace, check_machine: bool = True) -> tuple[TrainConfig, Path]:
+    """The run's validated config and directory; `check_machine` also runs the preflight (ports, cluster)."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
     if args.resume:
@@ -89,9 +94,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
         run_dir = Path(cfg.run_dir or f"runs/{cfg.env_id.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.run_dir = str(run_dir)
     cfg.validate()
-    from learners.coordinator import preflight
+    if check_machine:
+        from learners.coordinator import preflight
 
-    preflight(cfg)
+        preflight(cfg)
     return cfg, run_dir
 
 
@@ -115,10 +121,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from learners.coordinator import Coordinator, RunStopped, TrainingDiverged
 
     try:
-        cfg, run_dir = resolve_config(args)
+        cfg, run_dir = resolve_config(args, check_machine=not args.print_config)
     except ConfigError as err:
         print(f"mdpo train: error: {err}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
     coordinator = Coordinator(cfg, run_dir, resume=bool(args.resume))
     log.info("run directory: %s", run_dir.resolve())
     bar = None
@@ -164,13 +173,16 @@ def _add_study_commands(sub) -> None:
     sweep.add_argument("--games", nargs="+", required=True, help="Procgen games or Gymnasium ids; `all`: the 16 games")
     sweep.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     sweep.add_argument("--methods", nargs="+", default=["mdpo", "ppo"],
-                       help="mdpo (alpha 1), ppo (alpha 0) or NAME:FIELD=VALUE[,FIELD=VALUE...]")
+                       help="mdpo (the authors' MDPO: alpha 1, exact), dml (alpha 1, peer detached), ppo (the authors' "
+                            "PPO baseline: alpha 0) or NAME:FIELD=VALUE[,FIELD=VALUE...]")
     sweep.add_argument("--axis", action="append", default=[], metavar="FIELD=V1,V2",
                        help="an extra grid dimension over any TrainConfig field (repeatable)")
     sweep.add_argument("--preset", choices=sorted(PRESETS), default=None, help="every cell starts from this preset")
     sweep.add_argument("--max-concurrent", type=int, default=0, help="cap on cells at once (0: as resources allow)")
     sweep.add_argument("--ray-address", default="", help="cluster to run on (default RAY_ADDRESS, else a local Ray)")
     sweep.add_argument("--log-level", default="WARNING")
+    sweep.add_argument("--print-config", action="store_true",
+                       help="print every cell's resolved config as JSON ({cell: config}) and exit without running")
     group = sweep.add_argument_group("fixed overrides for every cell (any `mdpo train` flag)")
     _add_config_flags(group, skip=MANAGED)
 
@@ -197,7 +209,7 @@ def _add_study_commands(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from learners.sweep import MANAGED, Method, SweepConfig, parse_axis
+    from learners.sweep import MANAGED, Method, SweepConfig, expand, parse_axis
     from learners.sweep_runner import SweepRunner
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -208,6 +220,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise ConfigError("--axis names a field twice")
         sweep = SweepConfig(Path(args.runs_dir), args.games, args.seeds, [Method.parse(m) for m in args.methods],
                             axes, args.preset, overrides, args.max_concurrent, args.ray_address)
+        if args.print_config:
+            print(json.dumps({cell.name: cell.config.to_dict() for cell in expand(sweep.validate())}, indent=2))
+            return 0
         return SweepRunner(sweep).run()
     except ConfigError as err:
         print(f"mdpo sweep: error: {err}", file=sys.stderr)

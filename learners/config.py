@@ -10,6 +10,9 @@ from pathlib import Path
 
 SYNC_CHOICES = ("minibatch", "epoch", "iteration")
 DISTILL_MODES = ("detached", "exact")
+EVAL_PROTOCOLS = ("first-episodes", "authors")
+# The authors' evaluation (main.py, ppo.py): the same 4 test-level envs (seed 42) at every call, for every agent.
+AUTHORS_EVAL_ENVS, AUTHORS_EVAL_SEED = 4, 42
 
 
 class ConfigError(ValueError):
@@ -27,6 +30,8 @@ class TrainConfig:
     """Number of training levels (Procgen)."""
     start_level: int = 0
     """First training level (Procgen)."""
+    same_levels: bool = False
+    """Every learner's envs get the same seeds, so all agents play the same level sequence (the authors' main.py seeds both agents' envs alike); off: each learner's envs are seeded apart."""
     # --- algorithm (PAPER.md) ---
     num_learners: int = 2
     """Policies trained side by side; with more than 2 each distills toward every peer (mean of the KLs)."""
@@ -60,6 +65,8 @@ class TrainConfig:
     return_window: int = 100
     """Training return is the mean over this many most recent episodes."""
     # --- evaluation ---
+    eval_protocol: str = "first-episodes"
+    """`first-episodes`: the first episode of each of eval_episodes envs, on new unseen levels at every call (an unbiased mean). `authors`: the authors' protocol, to compare with their curves: the same 4 unseen-level envs (seed 42) at every call, the mean of the first >= eval_episodes finished episodes (which favours short episodes)."""
     eval_episodes: int = 10
     """Episodes per evaluation on unseen levels (num_levels=0, a seed distinct from training)."""
     eval_every: int = 1
@@ -186,6 +193,8 @@ class TrainConfig:
         if self.distill_mode == "exact" and self.distilling and self.sync_every_minibatches != 1:
             raise ConfigError("--distill-mode exact sends the KL gradient back to the peer at every minibatch, "
                               f"so it needs --sync minibatch (got --sync {self.sync})")
+        if self.eval_protocol not in EVAL_PROTOCOLS:
+            raise ConfigError(f"--eval-protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {self.eval_protocol!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         top = 65535 - (1 + 2 * self.num_learners + self.num_learners * self.num_actors)   # telemetry.ports_needed
@@ -234,11 +243,17 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+# The authors' budget (main.py): 5e7 env steps per agent in whole iterations, rounded down (5e7 // 16384 = 3051).
+PAPER_ITERATIONS = 50_000_000 // (64 * 256)
+
 PRESETS: dict[str, dict] = {
-    # PAPER.md's reference setup; GPU work.
-    "paper": dict(env_id="coinrun", distribution_mode="hard", num_levels=500, start_level=0, total_steps=25_000_000,
-                  num_envs=64, num_steps=256, num_minibatches=8, update_epochs=3, learning_rate=5e-4, gamma=0.999,
-                  gae_lambda=0.95, alpha=1.0, eval_episodes=10, eval_every=1, checkpoint_every=50),
+    # The authors' experiment (PAPER.md; README "Fidelity" lists every value and the test that checks it); GPU work.
+    "paper": dict(env_id="coinrun", distribution_mode="hard", num_levels=500, start_level=0, same_levels=True,
+                  total_steps=PAPER_ITERATIONS * 64 * 256, num_envs=64, num_steps=256, num_minibatches=8,
+                  update_epochs=3, learning_rate=5e-4, adam_eps=1e-5, gamma=0.999, gae_lambda=0.95, clip_coef=0.2,
+                  clip_vloss=True, vf_coef=0.5, ent_coef=0.01, max_grad_norm=0.5, normalize_reward=True,
+                  clip_reward=10.0, alpha=1.0, distill_mode="exact", sync="minibatch", eval_episodes=10,
+                  eval_every=1, checkpoint_every=50),
     # A few tiny Procgen iterations: finishes within 3 minutes on 2 CPU cores.
     "smoke": dict(env_id="coinrun", distribution_mode="hard", total_steps=2048, num_envs=8, num_steps=64,
                   num_minibatches=2, update_epochs=1, eval_episodes=4, eval_every=1, eval_max_episode_steps=200,

@@ -140,6 +140,13 @@ def summarize(values: list[float]) -> dict:
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)), "mean": float(np.mean(values))}
 
 
+def actor_seed(cfg: TrainConfig, learner: int, actor: int, iteration: int) -> int:
+    """The env seed of a rollout actor started at `iteration`. Shifted by the iteration so a resumed run does not
+    replay the same episodes. With same_levels, actor a of every learner gets the same seed: the agents play the same
+    level sequence, as the authors' do (their main.py seeds both agents' envs with args.seed)."""
+    return cfg.seed * 1_000_003 + (0 if cfg.same_levels else learner * 1009) + actor * 17 + iteration
+
+
 class Coordinator:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
@@ -222,8 +229,7 @@ class Coordinator:
         return [group[0] for group in self.actors] if self.cfg.eval_every else []
 
     def _actor_seed(self, learner: int, actor: int) -> int:
-        # Shifted by the iteration so a resumed run does not replay the same episodes.
-        return self.cfg.seed * 1_000_003 + learner * 1009 + actor * 17 + self.iteration
+        return actor_seed(self.cfg, learner, actor, self.iteration)
 
     def _eval_seed(self, learner: int) -> int:
         return 10**8 + self.cfg.seed * 1009 + learner   # disjoint from every training seed

@@ -108,8 +108,10 @@ class Learner:
 
     @property
     def loss_scale(self) -> float:
-        # The authors minimise 0.5 * (loss_A + loss_B) over both networks; each learner owns its share.
-        return 1.0 / self.cfg.num_learners
+        # The authors minimise 0.5 * (loss_A + loss_B) over both networks; each learner owns its share. Their PPO
+        # baseline (ppo.py) is one agent whose loss is not halved: with no distillation each learner is that agent,
+        # so its gradient meets the 0.5 clip at full size.
+        return 1.0 / self.cfg.num_learners if self.cfg.distilling else 1.0
 
     def weights(self) -> Weights:
         with self._cond:

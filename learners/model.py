@@ -63,7 +63,9 @@ class ImpalaEncoder(nn.Module):
             shape = stage.output_shape()
             stages.append(stage)
         self.stages = nn.Sequential(*stages)
-        self.fc = layer_init(nn.Linear(int(np.prod(shape)), features))
+        # PyTorch's default init, as the authors' model (PAPER.md): orthogonal sqrt(2) makes the initial features
+        # ~2.3x larger on real frames, which changes the early KL and entropy terms.
+        self.fc = nn.Linear(int(np.prod(shape)), features)
         self.out_features = features
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from pathlib import Path
 from learners.config import ConfigError
 from learners.procgen_scores import normalized_score, return_range
 from learners.report_plots import plot_bars, plot_curves, plot_tsne
-from learners.runs import ANALYSIS_DIR, Run, load_runs, mean_or_none
+from learners.runs import ANALYSIS_DIR, Run, describe_method, load_runs, mean_or_none
 
 FINAL_COLUMNS = ["game", "method", "seeds", "final_test_mean", "final_test_std", "final_train_mean", "final_train_std",
                  "generalization_gap_mean", "generalization_gap_std", "normalized_test_mean", "normalized_test_std"]
@@ -203,6 +203,15 @@ def _tsne_figure(game: str, groups: dict[tuple[str, str], list[Run]], out_dir: P
     return plot_tsne(panels, out_dir / f"tsne-{game}.png", f"{game}: t-SNE of encoder features on test-level states")
 
 
+def method_descriptions(runs: list[Run]) -> dict[str, str]:
+    """Method label -> what its runs ran (the authors' MDPO, DML or the authors' PPO baseline); labels whose runs
+    disagree list every variant."""
+    described: dict[str, set[str]] = defaultdict(set)
+    for run in runs:
+        described[run.method].add(describe_method(run.config))
+    return {m: "; ".join(sorted(d)) for m, d in sorted(described.items())}
+
+
 def build_report(cfg: ReportConfig) -> dict[str, Path]:
     """Write the report; returns name -> path of everything written."""
     cfg.validate()
@@ -230,6 +239,8 @@ def build_report(cfg: ReportConfig) -> dict[str, Path]:
           f"{len(included)} runs from `{cfg.runs_dir}`: games {', '.join(sorted({r.game for r in included}))}; "
           f"methods {', '.join(sorted({r.method for r in included}))}; "
           f"seeds {', '.join(str(s) for s in sorted({r.seed for r in included}))}.\n"]
+    md += ["## Methods\n", markdown_table(["method", "what it is (from its runs' config)"],
+                                           [[m, d] for m, d in method_descriptions(included).items()])]
     if excluded:
         md.append("Excluded (not completed): " + ", ".join(f"`{r.path}`" for r in excluded) + "\n")
     md += ["## Returns over training (mean ± std over seeds)\n", "![returns](returns.png)\n",

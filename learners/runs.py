@@ -1,7 +1,7 @@
 """Reading run directories written by `mdpo train`: config, per-iteration metrics, summary, sweep cell, analysis.
 
 A run's game is its Procgen game (or Gymnasium id); its method label is the one the sweep recorded in
-`sweep-cell.json`, else `ppo` for alpha 0 and `mdpo` otherwise. A run's value of a per-agent quantity is the
+`sweep-cell.json`, else the built-in method its config is (`ppo` for alpha 0, `mdpo` for exact, `dml` for detached). A run's value of a per-agent quantity is the
 mean over its agents that have one (None if none has).
 """
 
@@ -25,8 +25,21 @@ def game_name(env_id: str) -> str:
     return procgen_game(env_id) if is_procgen(env_id) else env_id.replace(":", "-").replace("/", "-")
 
 
-def method_label(alpha: float) -> str:
-    return "ppo" if alpha == 0 else "mdpo"
+def method_label(config: TrainConfig) -> str:
+    """The built-in method a config is (learners/sweep.py METHODS): ppo, mdpo (exact) or dml (detached)."""
+    if not config.distilling:
+        return "ppo"
+    return "mdpo" if config.distill_mode == "exact" else "dml"
+
+
+def describe_method(config: TrainConfig) -> str:
+    """What a run's objective is, in the paper's words, from its config (the report's legend)."""
+    if not config.distilling:
+        return "PPO baseline (the authors' ppo.py: alpha 0, each agent's loss not halved, gradient clipped at " \
+               f"{config.max_grad_norm:g})"
+    if config.distill_mode == "exact":
+        return f"MDPO, the authors' objective (alpha {config.alpha:g}; the KL gradient flows into both networks)"
+    return f"DML, classic deep mutual learning (alpha {config.alpha:g}; the peer's distribution a fixed target)"
 
 
 def mean_or_none(values) -> float | None:
@@ -58,7 +71,7 @@ class Run:
 
     @property
     def method(self) -> str:
-        return self.cell["label"] if self.cell else method_label(self.config.alpha)
+        return self.cell["label"] if self.cell else method_label(self.config)
 
     @property
     def seed(self) -> int:

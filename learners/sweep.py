@@ -22,7 +22,11 @@ from learners.config import PRESETS, ConfigError, TrainConfig
 from learners.runs import game_name
 
 _FIELDS = {f.name: str(f.type) for f in fields(TrainConfig)}
-METHODS: dict[str, dict] = {"mdpo": {"alpha": 1.0}, "ppo": {"alpha": 0.0}}
+# mdpo: the authors' objective (trainer.py: the KL gradient flows into both networks); dml: classic deep mutual
+# learning (the peer's output a fixed target); ppo: the authors' ppo.py baseline (alpha 0: one agent's loss, not
+# halved). The sweep's default methods are mdpo and ppo, the paper's comparison.
+METHODS: dict[str, dict] = {"mdpo": {"alpha": 1.0, "distill_mode": "exact"}, "dml": {"alpha": 1.0, "distill_mode": "detached"},
+                            "ppo": {"alpha": 0.0}}
 # Set per cell by the sweep; run_id (the Prometheus label) is the cell's name, so concurrent cells never share one.
 MANAGED = tuple(f for f in ("env_id", "seed", "run_dir", "ray_address", "progress", "run_id") if f in _FIELDS)
 # Defaults of a cell unless overridden: concurrent cells must not bind the same metrics ports.
@@ -75,7 +79,8 @@ class Method:
         name, colon, rest = spec.partition(":")
         if not colon:
             if name not in METHODS:
-                raise ConfigError(f"unknown method {name!r}: the built-ins are mdpo (alpha 1) and ppo (alpha 0); "
+                raise ConfigError(f"unknown method {name!r}: the built-ins are mdpo (alpha 1, exact), dml (alpha 1, "
+                                  "detached) and ppo (alpha 0); "
                                   "define others as NAME:FIELD=VALUE[,FIELD=VALUE...], e.g. exact:distill_mode=exact")
             return cls(name, dict(METHODS[name]))
         if not _NAME.fullmatch(name):

@@ -284,7 +284,7 @@ def test_reward_normalisation_and_clipping_keep_raw_episode_stats():
     while inner is not inner.unwrapped:
         wrappers.append(type(inner).__name__)
         inner = inner.env
-    assert wrappers == ["ClipReward", "NormalizeReward", "RecordEpisodeStatistics"]
+    assert wrappers == ["ClipReward", "NormalizeReturn", "RecordEpisodeStatistics"]
 
     env.reset(seed=0)
     seen, stat_minus_raw = [], []
@@ -315,7 +315,7 @@ def test_reward_normalizer_state_round_trips():
     fresh = make_vector_env("CartPole-v1", 3, seed=1)
     set_reward_normalizer_state(fresh, restored)
     assert get_reward_normalizer_state(fresh) == state
-    src, dst = (e.env.return_rms for e in (env, fresh))  # ClipReward wraps NormalizeReward directly
+    src, dst = (e.env.return_rms for e in (env, fresh))  # ClipReward wraps NormalizeReturn directly
     assert (src.mean, src.var, src.count) == (dst.mean, dst.var, dst.count)
 
     torch = pytest.importorskip("torch")

@@ -175,3 +175,12 @@ def test_report_has_the_figures_and_lists_what_it_left_out(study, report_dir):
         assert (report_dir / image).exists(), image
     assert "Excluded (not completed)" in md and f"{GAME}/gpu/seed1" in md
     assert f"{len(CELLS)} runs from" in md
+
+
+@pytest.mark.slow
+def test_report_names_each_method_from_its_runs_config(report_dir):
+    """The sweep's default methods are the authors' MDPO and their PPO baseline; the report says so."""
+    md = (report_dir / "report.md").read_text()
+    section = md.split("## Methods", 1)[1]
+    assert re.search(r"\| mdpo \| MDPO, the authors' objective \(alpha 1; the KL gradient flows into both", section)
+    assert re.search(r"\| ppo \| PPO baseline \(the authors' ppo.py: alpha 0, each agent's loss not halved", section)
