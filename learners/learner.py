@@ -95,6 +95,7 @@ class Learner:
         self._served: Counter[int] = Counter()       # step -> peers whose logits request was answered
         self._grads_in: Counter[int] = Counter()     # step -> peers whose gradient was applied (exact mode)
         self._kept: dict[tuple[int, int], list[torch.Tensor]] = {}   # (peer, step) -> logits with graph
+        self._grads_queued: dict[tuple[int, int], np.ndarray] = {}   # (peer, step) -> its d(loss)/d(those logits)
         self._snapshots: dict[int, torch.nn.Module] = {}   # detached mode: step -> my weights at that step
         self._free_snapshots: list[torch.nn.Module] = []
         self._live_readers = 0                             # detached-mode streams reading self.agent right now
@@ -185,8 +186,6 @@ class Learner:
         live: dict[int, torch.Tensor] = {}      # exact mode: the peers' logits on mb, as leaves that collect the KL grad
         totals: Counter[str] = Counter()
         new_logprobs = []
-        # Only exact mode has a peer writing into my .grad (apply_peer_grad); detached mode needs no lock.
-        grad_lock = self._cond if exact else contextlib.nullcontext()
         try:
             for start in range(0, len(mb), size):
                 rows = mb[start:start + size]
@@ -208,8 +207,7 @@ class Learner:
                 if not torch.isfinite(loss) or not torch.isfinite(logits).all():
                     raise NonFiniteError(f"learner {self.id}: non-finite loss {loss.item()} at step {self.step}; "
                                          "update aborted before the optimizer step")
-                with grad_lock:
-                    (loss * (weight * self.loss_scale)).backward()
+                (loss * (weight * self.loss_scale)).backward()
                 for name, term in (("loss", loss), ("policy_loss", pg_loss), ("value_loss", v_loss),
                                    ("entropy", entropy), ("kl_peer", kl)):
                     totals[name] += weight * term.item()
@@ -232,6 +230,7 @@ class Learner:
             t0 = time.perf_counter()
             self._wait_for_peers(sync.step)
             sync_stats.seconds += time.perf_counter() - t0
+            self._backprop_peer_grads(sync.step)
 
         with self._cond:
             if self._live_readers:   # a peer's chunk is being computed on these weights (served before a snapshot)
@@ -246,6 +245,7 @@ class Learner:
             # Zeroed in the same critical section so a peer's gradient for the next step is never wiped.
             self.optimizer.zero_grad(set_to_none=True)
             self._kept = {k: v for k, v in self._kept.items() if k[1] > self.step}
+            self._grads_queued = {k: v for k, v in self._grads_queued.items() if k[1] > self.step}
             self._grads_in.pop(self.step, None)
             self.step += 1
             need = len(self.peers)
@@ -356,6 +356,7 @@ class Learner:
             self._served.clear()
             self._grads_in.clear()
             self._kept.clear()
+            self._grads_queued.clear()
 
     def _wait_for_peers(self, step: int) -> None:
         """Exact-mode barrier: every peer has read my weights at `step` and sent its gradient back."""
@@ -423,22 +424,31 @@ class Learner:
             self._cond.notify_all()
 
     def apply_peer_grad(self, sync: SyncPoint, grad: np.ndarray) -> None:
-        """Exact mode: backpropagate a peer's d(loss)/d(my logits) into my parameters' gradients."""
+        """Exact mode: a peer's d(loss)/d(my logits), checked and queued; my training thread backpropagates it
+        before its optimizer step (_wait_for_peers). Backpropagating here, in the server's thread, would make my
+        own update wait for it on my core while the peer, done first, idles."""
         if sync.peer_id not in self.peer_ids:
             raise SyncError(f"learner {self.id}: unknown peer id {sync.peer_id}")
         with self._cond:
-            kept = self._kept.pop((sync.peer_id, sync.step), None)
-            if kept is None or self.step != sync.step:
+            kept = self._kept.get((sync.peer_id, sync.step))
+            if kept is None or self.step != sync.step or (sync.peer_id, sync.step) in self._grads_queued:
                 raise SyncError(f"learner {self.id}: no logits kept for peer {sync.peer_id} at step {sync.step} "
                                 f"(at step {self.step})")
             rows = sum(len(k) for k in kept)
             if grad.shape != (rows, self.num_actions):
-                self._kept[(sync.peer_id, sync.step)] = kept
                 raise SyncError(f"gradient of shape {grad.shape} does not match the logits sent ({rows}, {self.num_actions})")
-            grads = np.split(grad, np.cumsum([len(k) for k in kept])[:-1])
-            torch.autograd.backward(kept, [torch.from_numpy(np.ascontiguousarray(g)).to(self.device) for g in grads])
+            self._grads_queued[(sync.peer_id, sync.step)] = grad
             self._grads_in[sync.step] += 1
             self._cond.notify_all()
+
+    def _backprop_peer_grads(self, step: int) -> None:
+        """Exact mode, in my training thread: the peers' gradients of step `step` into my parameters' .grad."""
+        with self._cond:
+            queued = [(self._kept.pop(key), self._grads_queued.pop(key)) for key in list(self._grads_queued)
+                      if key[1] == step]
+        for kept, grad in queued:
+            grads = np.split(grad, np.cumsum([len(k) for k in kept])[:-1])
+            torch.autograd.backward(kept, [torch.from_numpy(np.ascontiguousarray(g)).to(self.device) for g in grads])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
