@@ -97,6 +97,15 @@ def test_tiny_bench_sync_costs_per_schedule(tiny):
             assert d[k] <= x[k]
     assert d["ratio"] == pytest.approx(float(np.median([x["ratio"] for x in d["rounds"]])))
     assert positive(d["ppo_only_seconds"]) and positive(d["forward_seconds"])
+    # Exact mode beside detached mode at sync minibatch, in the same rounds.
+    e = r["exact_cost"]
+    assert len(e["rounds"]) == SIZES["tiny"].learner_reps and e["target"] == 1.55
+    for x in e["rounds"]:
+        assert x["ratio"] == pytest.approx(x["exact_seconds"] / x["detached_seconds"]) and positive(x["exact_seconds"])
+        assert e["exact_seconds"] <= x["exact_seconds"] and e["detached_seconds"] <= x["detached_seconds"]
+    assert e["ratio"] == pytest.approx(float(np.median([x["ratio"] for x in e["rounds"]])))
+    assert positive(e["samples_per_second"]) and 0 <= e["sync_fraction"] < 1
+    assert "exact cost: exact / detached update (sync minibatch), median" in format_table(r)
 
 
 @pytest.mark.slow
