@@ -285,8 +285,10 @@ class Learner:
             target_step[pid][indices] = sync.step
 
         rows = IndexedRows(obs, order)
-        # Chunks of half a micro-batch: the rows the first micro-batch needs are back about when its forward ends.
-        stream_rows = max(1, (self.cfg.microbatch_size or self.cfg.minibatch_size) // 2)
+        # Detached: chunks of half a micro-batch, so the rows the first micro-batch needs are back about when its
+        # forward ends. Exact mode keeps the peers' logits on the whole window as one leaf and so waits for all of
+        # them: full-size messages, fewer round trips (the peer's core computes them meanwhile).
+        stream_rows = None if exact else max(1, (self.cfg.microbatch_size or self.cfg.minibatch_size) // 2)
         fetches = [PeerFetch(p.peer_id, order, self.num_actions, None if exact else store) for p in self.peers]
         for peer, fetch in zip(self.peers, fetches):
             self._pool.submit(fetch.run, functools.partial(peer.fetch_logits, max_rows=stream_rows), sync, rows, exact)
