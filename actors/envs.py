@@ -136,6 +136,7 @@ class ProcgenVectorEnv(VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
     OBS_SHAPE, NUM_ACTIONS = (64, 64, 3), 15     # every game, every mode
+    SPEC = (OBS_SHAPE, "uint8", NUM_ACTIONS)      # (observation shape, dtype, actions), as obs_spec() returns
 
     def __init__(self, env_name: str, num_envs: int, *, num_levels: int = 500, start_level: int = 0,
                  distribution_mode: str = "hard", rand_seed: int | None = None, num_threads: int = 4):
@@ -228,6 +229,12 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, *, num_levels: int = 
     if clip_reward is not None:
         env = ClipReward(env, -clip_reward, clip_reward)
     return env
+
+
+def obs_spec(env: VectorEnv) -> tuple[tuple[int, ...], str, int]:
+    """(observation shape, observation dtype, number of actions) of a vector env."""
+    space = env.single_observation_space
+    return tuple(space.shape), space.dtype.name, int(env.single_action_space.n)
 
 
 def _find_normalizer(env: VectorEnv) -> NormalizeReturn | None:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from learners.config import PRESETS, ConfigError, TrainConfig, preset
+from learners.config import PRESETS, RESUME_MAY_CHANGE, ConfigError, TrainConfig, field_parser, parse_bool, preset
 
 log = logging.getLogger("mdpo")
 
@@ -35,11 +35,10 @@ def _field_help(cls) -> dict[str, str]:
 
 
 def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    try:
+        return parse_bool(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,10 +67,17 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
-        names = FLAG_ALIASES.get(f.name, []) + [f"--{f.name.replace('_', '-')}"]
-        kind = _bool if f.type in ("bool", bool) else {"int": int, "float": float}.get(str(f.type), str)
-        parser.add_argument(*names, dest=f.name, type=kind, default=None, metavar=f.name.split("_")[-1].upper(),
-                            help=f"{helps.get(f.name, '')} (default {f.default!r})")
+        flag = f"--{f.name.replace('_', '-')}"
+        names = FLAG_ALIASES.get(f.name, []) + [flag]
+        text = f"{helps.get(f.name, '')} (default {f.default!r})"
+        if str(f.type) == "bool":   # `--flag` / `--no-flag`, and `--flag true|false` as the sweep writes them
+            parser.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True, default=None, metavar="BOOL",
+                                help=text)
+            parser.add_argument(f"--no-{flag[2:]}", dest=f.name, action="store_const", const=False,
+                                help=f"the same as {flag} false")
+            continue
+        parser.add_argument(*names, dest=f.name, type=field_parser(f.name), default=None,
+                            metavar=f.name.split("_")[-1].upper(), help=text)
 
 
 def resolve_config(args: argparse.Namespace, check_machine: bool = True) -> tuple[TrainConfig, Path]:
@@ -84,10 +90,9 @@ def resolve_config(args: argparse.Namespace, check_machine: bool = True) -> tupl
             raise ConfigError(f"--resume {run_dir}: no config.json there; pass the run directory of an earlier run")
         if args.preset:
             raise ConfigError("--resume continues a run with its saved config; drop --preset")
-        allowed = {"total_steps", "ray_address", "progress", "checkpoint_every", "device",
-                   "metrics_host", "metrics_port", "metrics_sd_dir"}
-        if set(overrides) - allowed:
-            raise ConfigError(f"--resume can only change {sorted(allowed)}; got {sorted(set(overrides) - allowed)}")
+        if set(overrides) - RESUME_MAY_CHANGE:
+            raise ConfigError(f"--resume can only change {sorted(RESUME_MAY_CHANGE)}; "
+                              f"got {sorted(set(overrides) - RESUME_MAY_CHANGE)}")
         cfg = dataclasses.replace(TrainConfig.load(run_dir / "config.json"), **overrides)
     else:
         cfg = dataclasses.replace(preset(args.preset) if args.preset else TrainConfig(), **overrides)
@@ -95,7 +100,7 @@ def resolve_config(args: argparse.Namespace, check_machine: bool = True) -> tupl
     cfg.run_dir = str(run_dir)
     cfg.validate()
     if check_machine:
-        from learners.coordinator import preflight
+        from learners.coordinator.cluster import preflight
 
         preflight(cfg)
     return cfg, run_dir
@@ -118,7 +123,7 @@ def _progress_bar(cfg: TrainConfig, start_steps: int):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from learners.coordinator import Coordinator, RunStopped, TrainingDiverged
+    from learners.coordinator.loop import Coordinator, RunStopped, TrainingDiverged
 
     try:
         cfg, run_dir = resolve_config(args, check_machine=not args.print_config)
@@ -162,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ the study: sweep, analyze, report
 def _add_study_commands(sub) -> None:
-    from learners.sweep import MANAGED
+    from learners.study.sweep import MANAGED
 
     sweep = sub.add_parser("sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            help="train a grid of runs (games x methods x axes x seeds) on the Ray cluster",
@@ -209,8 +214,8 @@ def _add_study_commands(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from learners.sweep import MANAGED, Method, SweepConfig, expand, parse_axis
-    from learners.sweep_runner import SweepRunner
+    from learners.study.sweep import MANAGED, Method, SweepConfig, expand, parse_axis
+    from learners.study.sweep_runner import SweepRunner
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name not in MANAGED and getattr(args, f.name) is not None}
@@ -230,7 +235,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from learners.robustness import AnalyzeConfig, analyze_paths
+    from learners.study.robustness import AnalyzeConfig, analyze_paths
 
     cfg = AnalyzeConfig(args.num_envs, args.num_steps, tuple(v for v in args.variants.split(",") if v), args.seed,
                         args.driver, args.tsne_points)
@@ -246,7 +251,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from learners.report import ReportConfig, build_report
+    from learners.study.report import ReportConfig, build_report
 
     try:
         paths = build_report(ReportConfig(Path(args.runs_dir), Path(args.out) if args.out else None,
@@ -261,7 +266,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 STUDY_COMMANDS = {"sweep": cmd_sweep, "analyze": cmd_analyze, "report": cmd_report}
 
 
-# ------------------------------------------------------------------ bench (learners/bench.py)
+# ------------------------------------------------------------------ bench (learners/bench/measure.py)
 def _add_bench_command(sub) -> None:
     bench = sub.add_parser("bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            help="measure every stage and the whole pipeline on this machine (README: Performance)")
@@ -283,7 +288,7 @@ def _add_bench_command(sub) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from learners import bench
+    from learners.bench import measure as bench
 
     if args.iterations is not None and args.iterations < 3:
         print("mdpo bench: error: --iterations must be >= 3 (the first is warm-up; the lag needs one more)",

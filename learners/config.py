@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 SYNC_CHOICES = ("minibatch", "epoch", "iteration")
@@ -118,7 +118,7 @@ class TrainConfig:
     ray_address: str = ""
     """Existing Ray cluster (`auto`, `ray://...`, host:port); empty starts an embedded local Ray."""
     progress: bool = True
-    # --- monitoring (learners/telemetry.py, deploy/prometheus/README.md) ---
+    # --- monitoring (learners/telemetry/metrics.py, deploy/prometheus/README.md) ---
     metrics_host: str = "127.0.0.1"
     """Address every process binds its Prometheus /metrics endpoint to (0.0.0.0 in compose and on multi-node clusters)."""
     metrics_port: int = 9500
@@ -241,6 +241,30 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+# Fields that do not change what a run computes: a resumed run may change them, and a sweep cell's saved config may
+# differ from the sweep's in them.
+PLACEMENT_FIELDS = frozenset({"run_dir", "ray_address", "progress", "checkpoint_every", "device", "run_id",
+                              "metrics_host", "metrics_port", "metrics_sd_dir"})
+# `mdpo train --resume RUN_DIR` may also change the budget (the run directory is RUN_DIR itself).
+RESUME_MAY_CHANGE = (PLACEMENT_FIELDS | {"total_steps"}) - {"run_dir"}
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+FIELD_TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
+def field_parser(name: str):
+    """The text -> value conversion of a TrainConfig field (the CLI's flags and the sweep's specs share it)."""
+    return {"bool": parse_bool, "int": int, "float": float}.get(FIELD_TYPES[name], str)
 
 
 # The authors' budget (main.py): 5e7 env steps per agent in whole iterations, rounded down (5e7 // 16384 = 3051).

@@ -1,7 +1,7 @@
 """One MDPO learner: its policy, Adam, and the PPO + distillation update (PAPER.md, step 3).
 
 Plain class, no Ray, no gRPC: peers are reached through `PeerLink` objects (gRPC clients in
-production, see distill_service.py), and the peer side of a sync is `serve_logits`/`apply_peer_grad`.
+production, see learners/peer/), and the peer side of a sync is `serve_logits`/`apply_peer_grad`.
 """
 
 from __future__ import annotations
@@ -21,23 +21,12 @@ import torch
 from torch.distributions import Categorical
 
 from learners import ppo
-from learners.batch import Batch, Rollout, Weights
+from learners.records import Batch, Rollout, Weights
 from learners.config import TrainConfig
 from learners.model import make_agent
-from learners.peer_fetch import IndexedRows, PeerFetch
+from learners.peer.fetch import IndexedRows, PeerFetch
+from learners.peer.sync import SyncError, SyncPoint
 from learners.schedule import IterationPlan
-
-
-@dataclass(frozen=True)
-class SyncPoint:
-    peer_id: int       # learner id of the caller
-    iteration: int
-    sync_index: int
-    step: int          # optimizer step both sides are at
-
-
-class SyncError(RuntimeError):
-    """A sync request does not fit this learner's state (wrong peer, wrong step, timed out)."""
 
 
 # Detached mode: weights kept for sync steps my peers have not read yet, so I step on without waiting for them.

@@ -9,13 +9,15 @@ import time
 import numpy as np
 import torch
 
-from learners.batch import Rollout, Weights
+from learners.records import Rollout, Weights
 from learners.checkpoint import tensors_from_bytes, tensors_to_bytes
 from learners.config import TrainConfig
-from learners.distill_service import ChannelSecurity, PeerClient, serve
+from learners.peer.client import PeerClient
+from learners.peer.security import ChannelSecurity
+from learners.peer.service import serve
 from learners.learner import Learner, NonFiniteError
 from learners.schedule import IterationPlan
-from learners.telemetry import LearnerTelemetry
+from learners.telemetry.metrics import LearnerTelemetry, advertised_host
 
 
 def resolve_device(requested: str) -> str:
@@ -34,17 +36,13 @@ class LearnerWorker:
         port = cfg.grpc_port + learner_id if cfg.grpc_port else 0
         # The token comes as an argument, not in cfg, so it never lands in config.json or a log.
         self.security = ChannelSecurity.from_config(cfg, token)
-        self.telemetry = LearnerTelemetry(cfg, learner_id, self.device)   # its /metrics endpoint (learners/telemetry.py)
+        self.telemetry = LearnerTelemetry(cfg, learner_id, self.device)   # its /metrics endpoint (learners/telemetry/metrics.py)
         self.server, self.port = serve(self.learner, cfg.grpc_host, port, self.security,
                                        interceptors=(self.telemetry.grpc_server_interceptor(),))
         self.clients: list[PeerClient] = []
 
     def address(self) -> str:
-        host = self.cfg.grpc_host
-        if host in ("0.0.0.0", "::", ""):
-            import ray
-            host = ray.util.get_node_ip_address()
-        return f"{host}:{self.port}"
+        return f"{advertised_host(self.cfg.grpc_host)}:{self.port}"
 
     def info(self) -> dict:
         return {"id": self.id, "device": self.device, "pid": os.getpid(), "host": socket.gethostname(),

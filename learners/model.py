@@ -113,3 +113,8 @@ def make_agent(obs_shape: tuple[int, ...], obs_dtype: str, num_actions: int) -> 
         return Agent(MlpEncoder(obs_shape[0]), num_actions)
     raise ValueError(f"no network for observations of shape {obs_shape} and dtype {obs_dtype}: "
                      "expected uint8 images (H, W, C) or flat vectors (D,)")
+
+
+def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One action per row of logits, drawn with `generator` (rollouts and evaluation reproduce from their seed)."""
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)

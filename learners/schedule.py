@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,16 @@ class IterationPlan:
     sync: str                      # "minibatch" | "epoch" | "iteration" | "<k>"
     distill: bool                  # False: no distillation traffic at all (alpha == 0)
     learning_rate: float
+
+    @classmethod
+    def for_iteration(cls, cfg, iteration: int, **changes) -> "IterationPlan":
+        """The plan of `iteration` of a run configured by `cfg` (a TrainConfig): its shuffle seed, schedule, and the
+        learning rate (annealed linearly to 0 with cfg.anneal_lr); `changes` overrides fields (the bench's probes)."""
+        lr = cfg.learning_rate * (1 - iteration / cfg.num_iterations) if cfg.anneal_lr else cfg.learning_rate
+        plan = cls(iteration=iteration, shuffle_seed=cfg.seed * 7919 + iteration, batch_size=cfg.batch_size,
+                   num_minibatches=cfg.num_minibatches, update_epochs=cfg.update_epochs, sync=cfg.sync,
+                   distill=cfg.distilling, learning_rate=lr)
+        return dataclasses.replace(plan, **changes) if changes else plan
 
     @property
     def minibatch_size(self) -> int:

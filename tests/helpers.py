@@ -5,30 +5,14 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import torch
 
-from learners.batch import Rollout
+from learners.bench.synthetic import synthetic_rollout  # noqa: F401  (the tests' batches, as the bench's)
 from learners.config import TrainConfig
-from learners.distill_service import ChannelSecurity, PeerClient, serve
 from learners.learner import Learner
-
-
-def synthetic_rollout(learner_id: int, obs_shape, obs_dtype, num_actions: int, num_steps: int, num_envs: int,
-                      seed: int) -> Rollout:
-    rng = np.random.default_rng(seed)
-    if np.dtype(obs_dtype) == np.uint8:
-        obs = rng.integers(0, 256, (num_steps, num_envs, *obs_shape), dtype=np.uint8)
-    else:
-        obs = rng.normal(size=(num_steps, num_envs, *obs_shape)).astype(np.float32)
-    return Rollout(
-        learner_id=learner_id, actor_id=0, weights_version=0, obs=obs,
-        actions=rng.integers(0, num_actions, (num_steps, num_envs)).astype(np.int64),
-        logprobs=np.log(rng.uniform(0.2, 0.9, (num_steps, num_envs))).astype(np.float32),
-        values=rng.normal(size=(num_steps, num_envs)).astype(np.float32),
-        rewards=rng.normal(size=(num_steps, num_envs)).astype(np.float32),
-        dones=rng.uniform(size=(num_steps, num_envs)) < 0.1,
-        next_value=rng.normal(size=num_envs).astype(np.float32))
+from learners.peer.client import PeerClient
+from learners.peer.security import ChannelSecurity
+from learners.peer.service import serve
 
 
 class LearnerPair:

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from learners.bench import SIZES, _bounds, bench_config, format_table, steady_rate, sync_schedules
-from learners.memory import MemorySampler, process_kind
+from learners.bench.measure import SIZES, _bounds, bench_config, format_table, steady_rate, sync_schedules
+from learners.bench.memory import MemorySampler, process_kind
 
 FRAME_BYTES = 64 * 64 * 3
 
@@ -214,7 +214,7 @@ def test_embedded_ray_workers_inherit_the_malloc_arena_limit(monkeypatch):
     user set is kept."""
     import ray
 
-    from learners.coordinator import init_local_ray
+    from learners.coordinator.cluster import init_local_ray
 
     def worker_env() -> str | None:
         return os.environ.get("MALLOC_ARENA_MAX")

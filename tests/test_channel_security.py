@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from learners.config import ConfigError, TrainConfig
-from learners.distill_service import ChannelSecurity, PeerClient
-from learners.learner import SyncPoint
+from learners.peer.client import PeerClient
+from learners.peer.security import ChannelSecurity
+from learners.peer.sync import SyncPoint
 from tests.helpers import LearnerPair, make_certificates
 
 OBS = np.zeros((3, 4), np.float32)

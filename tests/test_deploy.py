@@ -23,7 +23,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from learners.config import TrainConfig
-from learners.coordinator import ROLLOUT_NODE_LABEL
+from learners.coordinator.cluster import ROLLOUT_NODE_LABEL
 from tests.deploy_helpers import (COMPOSE_FILE, CONSTRAINTS, DOCKERFILE, GRAFANA_DIR, KUBERAY_FILE, PROMETHEUS_DIR,
                                   ROOT, RUNTIME_ENV, active_services, check_command, compose_commands,
                                   dockerignore_excludes, environment, healthcheck_url, host_path, kuberay_ray_start,
@@ -116,7 +116,7 @@ def test_compose_cluster_topology():
             assert len({tuple(i) for i in ids}) == NUM_LEARNERS, f"each learner reserves its own GPU: {ids}"
         worker = ray_start_params(services["ray-cpu-worker"])
         key, value = ROLLOUT_NODE_LABEL
-        assert worker["labels"] == f"{key}={value}", "rollout actors are placed by this label (learners/coordinator.py)"
+        assert worker["labels"] == f"{key}={value}", "rollout actors are placed by this label (learners/coordinator/cluster.py)"
         assert worker["num_gpus"] == 0
         scalable = services["ray-cpu-worker"]
         assert "container_name" not in scalable and not scalable.get("ports"), "--scale needs no fixed names/host ports"
@@ -205,7 +205,7 @@ def test_compose_prometheus_matches_deploy_prometheus():
     head = compose["services"]["ray-head"]
     _, job_svc = next((n, s) for n, s in active_services(compose, "cpu").items() if n.startswith("mdpo-train"))
     _, cfg = parse_mdpo(list(train_command(job_svc)[1]["entrypoint"]))
-    from learners.telemetry import sd_dir
+    from learners.telemetry.metrics import sd_dir
 
     sd_file = sd_dir(cfg, cfg.run_dir) / "some-run.json"   # where the coordinator (on the head) writes targets
     file_sd_globs, static, dns = [], [], []
@@ -284,9 +284,13 @@ def test_dockerfile_installs_the_project_with_pinned_dependencies():
                 kept = [f for f in files if not dockerignore_excludes(f, ignore)]
                 assert kept, f"COPY {src}: .dockerignore keeps nothing of it"
                 copied += kept
-    for package in pyproject["tool"]["setuptools"]["packages"]:
-        assert f"{package}/__init__.py" in copied, f"package {package} is not copied into the image"
-        sources = [str(p.relative_to(ROOT)) for p in (ROOT / package).glob("*.py") if not p.name.endswith(("_pb2.py", "_pb2_grpc.py"))]
+    top = sorted({name.split(".")[0] for name in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]})
+    assert top == ["actors", "learners", "protos"]
+    for package in top:
+        for init in (ROOT / package).rglob("__init__.py"):
+            assert str(init.relative_to(ROOT)) in copied, f"package {init.parent} is not copied into the image"
+        sources = [str(p.relative_to(ROOT)) for p in (ROOT / package).rglob("*.py")
+                   if not p.name.endswith(("_pb2.py", "_pb2_grpc.py")) and "__pycache__" not in p.parts]
         assert set(sources) <= set(copied), f"{package}: {sorted(set(sources) - set(copied))} not copied"
     assert "protos/distill.proto" in copied and not any(c.endswith("_pb2.py") for c in copied), \
         "the image compiles the stubs itself"
@@ -411,7 +415,8 @@ def test_runtime_env_uploads_the_code_with_its_stubs(tmp_path):
     stubs = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "protos").glob("*_pb2*.py"))
     assert stubs, "run `make setup` (pip install -e .) first: it generates the gRPC stubs"
     uploaded = working_dir_package(tmp_path, include_gitignore=False)   # RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1
-    code = [str(p.relative_to(ROOT)) for pkg in ("actors", "learners", "protos") for p in (ROOT / pkg).glob("*.py")]
+    code = [str(p.relative_to(ROOT)) for pkg in ("actors", "learners", "protos") for p in (ROOT / pkg).rglob("*.py")
+            if "__pycache__" not in p.parts]
     assert set(code) <= uploaded and set(stubs) <= uploaded
     dropped = [n for n in uploaded if n.split("/")[0] in {"tests", "deploy", "runs", ".venv", ".git", ".pytest_cache"}
                or ".egg-info" in n or "__pycache__" in n]

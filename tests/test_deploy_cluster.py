@@ -288,7 +288,7 @@ def test_compose_topology_trains_a_job_submitted_with_ray_job_submit(tmp_path):
         assert set(where["RolloutWorker"]) == {ip["ray-cpu-worker"]} and set(where) == {"LearnerWorker", "RolloutWorker"}, where
 
         # The metrics endpoints Prometheus scrapes in compose (--metrics-host 0.0.0.0) carry the nodes' addresses.
-        from learners.telemetry import TARGETS_FILE
+        from learners.telemetry.metrics import TARGETS_FILE
 
         role_ip = {"coordinator": {ip["ray-head"]}, "learner": set(where["LearnerWorker"]),
                    "actor": {ip["ray-cpu-worker"]}, "evaluator": {ip["ray-cpu-worker"]}}

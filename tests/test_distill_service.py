@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from learners.config import TrainConfig
-from learners.distill_service import MAX_MESSAGE_BYTES, PeerClient, to_ndarray
-from learners.learner import SyncPoint
+from learners.peer.client import PeerClient
+from learners.peer.wire import MAX_MESSAGE_BYTES, to_ndarray
+from learners.peer.sync import SyncPoint
 from learners.schedule import IterationPlan
 from protos import distill_pb2 as pb
 from protos import distill_pb2_grpc as pb_grpc

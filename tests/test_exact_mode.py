@@ -8,7 +8,7 @@ import torch
 from torch.distributions import Categorical
 
 from learners import ppo
-from learners.batch import Batch
+from learners.records import Batch
 from learners.config import TrainConfig
 from learners.schedule import IterationPlan
 from tests.helpers import LearnerPair, assert_same_parameters, synthetic_rollout

@@ -7,7 +7,6 @@ their init), not mdpo's own functions, so that a drift in either shows up here.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -23,15 +22,15 @@ from torch.distributions import Categorical
 
 from actors.envs import make_vector_env
 from actors.reward_normalization import NormalizeReturn
-from actors.rollout import Evaluator, _sample
-from learners.batch import Weights
+from actors.evaluator import Evaluator
+from learners.records import Weights
 from learners.cli import main as mdpo_main
 from learners.config import PAPER_ITERATIONS, TrainConfig, preset
-from learners.coordinator import actor_seed
+from learners.coordinator.loop import actor_seed
 from learners.learner import Learner
-from learners.model import ConvSequence
+from learners.model import ConvSequence, sample_actions
 from learners.schedule import IterationPlan
-from learners.sweep import Method, SweepConfig, expand
+from learners.study.sweep import Method, SweepConfig, expand
 from tests.helpers import LearnerPair, assert_same_parameters, synthetic_rollout
 
 IMPALA = ((64, 64, 3), "uint8", 15)
@@ -342,7 +341,7 @@ def play(weights: Weights, num_envs: int, seed: int, generator_seed: int, until)
     running, lengths, finished, first = np.zeros(num_envs), np.zeros(num_envs, np.int64), [], {}
     with torch.no_grad():
         while not until(finished, first):
-            obs, reward, terminated, truncated, _ = env.step(_sample(agent.logits(torch.from_numpy(obs)), rng).numpy())
+            obs, reward, terminated, truncated, _ = env.step(sample_actions(agent.logits(torch.from_numpy(obs)), rng).numpy())
             running += reward
             lengths += 1
             for i in np.flatnonzero(terminated | truncated):

@@ -25,9 +25,11 @@ import pytest
 import yaml
 
 from learners.config import ConfigError, TrainConfig
-from learners.distill_service import PeerClient, serve
-from learners.learner import Learner, SyncPoint
-from learners.telemetry import (ActorTelemetry, CoordinatorTelemetry, EvaluatorTelemetry, LearnerTelemetry,
+from learners.peer.client import PeerClient
+from learners.peer.service import serve
+from learners.learner import Learner
+from learners.peer.sync import SyncPoint
+from learners.telemetry.metrics import (ActorTelemetry, CoordinatorTelemetry, EvaluatorTelemetry, LearnerTelemetry,
                                 metrics_port, ports_needed)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -304,7 +306,7 @@ def test_killed_actor_is_restarted_counted_and_its_new_endpoint_listed(tmp_path)
     lists its new endpoint, and the coordinator's GCS view counts every worker live again."""
     import ray
 
-    from learners.coordinator import Coordinator
+    from learners.coordinator.loop import Coordinator
 
     cfg = TrainConfig(env_id="CartPole-v1", num_envs=4, num_steps=32, num_minibatches=2, update_epochs=1,
                       total_steps=256, eval_every=1, eval_episodes=2, eval_max_episode_steps=50, checkpoint_every=10,

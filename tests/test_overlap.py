@@ -13,9 +13,9 @@ import torch
 from torch.distributions import Categorical
 
 from learners import ppo
-from learners.batch import Batch
+from learners.records import Batch
 from learners.config import TrainConfig
-from learners.peer_fetch import IndexedRows, PeerFetch
+from learners.peer.fetch import IndexedRows, PeerFetch
 from learners.schedule import IterationPlan
 from tests.helpers import LearnerPair, assert_same_parameters, synthetic_rollout
 
@@ -212,7 +212,8 @@ def test_policy_lag_reaches_the_exact_step_total_across_a_stop_with_a_rollout_in
 
 def test_loading_a_checkpoint_drops_the_weights_kept_for_peers():
     """After a restore, a peer asking for step s gets the restored weights, never a copy kept before the restore."""
-    from learners.learner import SyncPoint, SyncStats
+    from learners.learner import SyncStats
+    from learners.peer.sync import SyncPoint
     from learners.learner_worker import LearnerWorker
 
     cfg = TrainConfig(env_id="CartPole-v1", alpha=1.0, num_envs=4, num_steps=8, num_minibatches=2, update_epochs=1,

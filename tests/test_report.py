@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from learners.config import ConfigError, TrainConfig
-from learners.procgen_scores import RETURN_RANGES, normalized_score
-from learners.report import ReportConfig, build_report, group_runs, stats
-from learners.runs import Run
+from learners.study.procgen_scores import RETURN_RANGES, normalized_score
+from learners.study.report import ReportConfig, build_report, group_runs, stats
+from learners.study.runs import Run
 from tests.study import CELLS, GAME, tiny_study
 
 METHODS, SEEDS = ("mdpo", "ppo"), (1, 2)

@@ -13,7 +13,7 @@ from actors.render_pairs import (DEFAULT_RENDERING, RENDER_VARIANTS, PairedProcg
 from learners.checkpoint import latest_checkpoint, tensors_from_bytes
 from learners.config import ConfigError, TrainConfig
 from learners.model import make_agent
-from learners.robustness import (PROCGEN_OBS, TEST_SEED_OFFSET, AnalyzeConfig, agreement_tv, analyze_run,
+from learners.study.robustness import (PROCGEN_OBS, TEST_SEED_OFFSET, AnalyzeConfig, agreement_tv, analyze_run,
                                  collect_paired_observations, robustness_tv, tv_distance)
 from tests.study import ANALYZE, CELLS, GAME, tiny_study
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from learners.config import TrainConfig
-from learners.distill_service import to_ndarray
+from learners.peer.wire import to_ndarray
 from protos import distill_pb2 as pb
 from protos import distill_pb2_grpc as pb_grpc
 from tests.helpers import LearnerPair

@@ -14,8 +14,8 @@ import torch
 
 from learners.cli import build_parser, main
 from learners.config import ConfigError, TrainConfig
-from learners.sweep import Method, SweepConfig, cell_status, expand, parse_axis, train_command
-from learners.sweep_runner import SweepRunner, cell_resources, fits
+from learners.study.sweep import Method, SweepConfig, cell_status, expand, parse_axis, train_command
+from learners.study.sweep_runner import SweepRunner, cell_resources, fits
 from tests.study import CELLS, GAME, GRID, TINY, tiny_study
 
 

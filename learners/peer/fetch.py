@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from learners.peer.sync import ProtocolError, SyncError
+
 
 class IndexedRows:
     """Rows `index` of `array`, gathered only when sliced: a permuted window streams chunk by chunk without a
@@ -52,8 +54,7 @@ class PeerFetch:
     def _on_chunk(self, chunk: np.ndarray) -> None:
         start, stop = self.ready, self.ready + len(chunk)
         if chunk.shape[1:] != self.logits.shape[1:] or stop > len(self.logits) or not np.isfinite(chunk).all():
-            from learners.learner import NonFiniteError   # deferred: learner.py imports this module
-            raise NonFiniteError(f"peer {self.peer_id} returned bad logits (chunk of shape {chunk.shape} at row "
+            raise ProtocolError(f"peer {self.peer_id} returned bad logits (chunk of shape {chunk.shape} at row "
                                  f"{start} of {len(self.logits)}, finite={bool(np.isfinite(chunk).all())})")
         self.logits[start:stop] = chunk
         if self.on_rows is not None:
@@ -68,8 +69,7 @@ class PeerFetch:
         try:
             logits, self.sent, self.received = fetch_logits(sync, obs, keep_graph, on_chunk=self._on_chunk)
             if self.ready != len(self.logits) or len(logits) != len(self.logits):
-                from learners.learner import NonFiniteError
-                raise NonFiniteError(f"peer {self.peer_id} returned {len(logits)} rows of logits, expected "
+                raise ProtocolError(f"peer {self.peer_id} returned {len(logits)} rows of logits, expected "
                                      f"{len(self.logits)}")
         except BaseException as err:   # re-raised in the training thread by wait()
             self.error = err
@@ -86,7 +86,6 @@ class PeerFetch:
         if self.error is not None:
             raise self.error
         if not finished:
-            from learners.learner import SyncError
             raise SyncError(f"the exchange with peer {self.peer_id} did not finish within {timeout_s}s")
 
     def wait(self, rows: int, timeout_s: float) -> None:
@@ -95,5 +94,4 @@ class PeerFetch:
         if self.error is not None:
             raise self.error
         if not arrived or self.ready < rows:
-            from learners.learner import SyncError
             raise SyncError(f"peer {self.peer_id} sent {self.ready} of {rows} rows of logits within {timeout_s}s")

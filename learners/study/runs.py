@@ -26,7 +26,7 @@ def game_name(env_id: str) -> str:
 
 
 def method_label(config: TrainConfig) -> str:
-    """The built-in method a config is (learners/sweep.py METHODS): ppo, mdpo (exact) or dml (detached)."""
+    """The built-in method a config is (learners/study/sweep.py METHODS): ppo, mdpo (exact) or dml (detached)."""
     if not config.distilling:
         return "ppo"
     return "mdpo" if config.distill_mode == "exact" else "dml"

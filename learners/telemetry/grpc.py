@@ -1,6 +1,6 @@
 """gRPC interceptors that count calls by final status code (and time them on the server side).
 
-Used by the learner process (learners/telemetry.py: LearnerTelemetry) on its Distill server and on its
+Used by the learner process (learners/telemetry/metrics.py: LearnerTelemetry) on its Distill server and on its
 clients to the peers, so `mdpo_grpc_{server,client}_handled_total{grpc_service, grpc_method, grpc_code}`
 covers both ends of every call: a peer that is down shows up client-side as UNAVAILABLE or
 DEADLINE_EXCEEDED, a peer that refuses a sync server-side as FAILED_PRECONDITION.

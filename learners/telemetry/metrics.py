@@ -40,6 +40,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Inf
                                disable_created_metrics, start_http_server)
 from prometheus_client.core import GaugeMetricFamily
 
+from learners.files import atomic_write
 from learners.config import TrainConfig
 
 log = logging.getLogger("mdpo")
@@ -320,14 +321,14 @@ class LearnerTelemetry(Telemetry):
         self._child(self.grpc_client, grpc_service=service, grpc_method=method, grpc_code=code.name).inc()
 
     def grpc_server_interceptor(self):
-        from learners.grpc_metrics import ServerMetricsInterceptor
+        from learners.telemetry.grpc import ServerMetricsInterceptor
         return ServerMetricsInterceptor(self._grpc_server_record)
 
     def instrument_clients(self, clients) -> None:
         """Route each PeerClient's calls through a channel that counts them by status code."""
         import grpc
 
-        from learners.grpc_metrics import ClientMetricsInterceptor
+        from learners.telemetry.grpc import ClientMetricsInterceptor
         interceptor = ClientMetricsInterceptor(self._grpc_client_record)
         for client in clients:
             client.stub = type(client.stub)(grpc.intercept_channel(client.channel, interceptor))
@@ -544,6 +545,4 @@ class CoordinatorTelemetry(Telemetry):
 def write_targets(path: Path, groups: list[dict]) -> None:
     """Atomically write a Prometheus file_sd JSON file (Prometheus watches it and must never see half of it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(groups, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(groups, indent=2) + "\n")

@@ -5,7 +5,7 @@
 and what each cell's directory says about it. A cell whose summary.json says completed is done (skipped); one
 with a config.json but no completed summary is resumed with `mdpo train --resume` (restarted if it never wrote
 a checkpoint); a directory made with a different config is a conflict: reported, never overwritten.
-Running the cells is learners/sweep_runner.py.
+Running the cells is learners/study/sweep_runner.py.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import itertools
 import json
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from learners.config import PRESETS, ConfigError, TrainConfig
-from learners.runs import game_name
+from learners.config import FIELD_TYPES, PLACEMENT_FIELDS, PRESETS, ConfigError, TrainConfig, field_parser
+from learners.study.runs import game_name
 
-_FIELDS = {f.name: str(f.type) for f in fields(TrainConfig)}
+_FIELDS = FIELD_TYPES
 # mdpo: the authors' objective (trainer.py: the KL gradient flows into both networks); dml: classic deep mutual
 # learning (the peer's output a fixed target); ppo: the authors' ppo.py baseline (alpha 0: one agent's loss, not
 # halved). The sweep's default methods are mdpo and ppo, the paper's comparison.
@@ -31,9 +31,6 @@ METHODS: dict[str, dict] = {"mdpo": {"alpha": 1.0, "distill_mode": "exact"}, "dm
 MANAGED = tuple(f for f in ("env_id", "seed", "run_dir", "ray_address", "progress", "run_id") if f in _FIELDS)
 # Defaults of a cell unless overridden: concurrent cells must not bind the same metrics ports.
 CELL_DEFAULTS = {f: v for f, v in {"metrics_port": 0}.items() if f in _FIELDS}
-# Fields that do not change what a run computes: may differ between a run directory's config and the sweep's.
-RESUMABLE = {"run_dir", "ray_address", "progress", "checkpoint_every", "device", "run_id", "metrics_host",
-             "metrics_port", "metrics_sd_dir"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -43,21 +40,12 @@ def _unknown_field(name: str, what: str) -> ConfigError:
     return ConfigError(f"unknown {what} {name!r}: it must be a TrainConfig field (see `mdpo train --help`).{hint}")
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true/false, got {text!r}")
-
-
 def parse_value(name: str, text: str, what: str = "field"):
     """A TrainConfig field's value from text, typed like the field."""
     if name not in _FIELDS:
         raise _unknown_field(name, what)
-    convert = {"bool": _bool, "int": int, "float": float}.get(_FIELDS[name], str)
     try:
-        return convert(text)
+        return field_parser(name)(text)
     except ValueError as err:
         raise ConfigError(f"{what} {name}: cannot read {text!r} as {_FIELDS[name]} ({err})") from None
 
@@ -215,7 +203,7 @@ def cell_status(cell: Cell) -> tuple[str, str]:
         return "conflict", f"{config_path} is not valid JSON; move the directory away to rerun the cell"
     wanted = cell.config.to_dict()
     # Fields only one side knows (added to TrainConfig since, or by a newer mdpo) are not a conflict.
-    diffs = sorted(k for k in set(saved) & set(wanted) if k not in RESUMABLE and saved[k] != wanted[k])
+    diffs = sorted(k for k in set(saved) & set(wanted) if k not in PLACEMENT_FIELDS and saved[k] != wanted[k])
     if diffs:
         shown = ", ".join(f"{k}={saved.get(k)!r} (sweep: {wanted.get(k)!r})" for k in diffs[:4])
         return "conflict", (f"{cell.run_dir} was made with a different config: {shown}; "

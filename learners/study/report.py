@@ -2,11 +2,11 @@
 
 Definitions (every number is recomputable from the run directories):
 - a run's final train/test return and generalization gap: summary.json's per-agent values, averaged over the
-  run's agents that have one (see learners/runs.py);
+  run's agents that have one (see learners/study/runs.py);
 - a run's curves: per iteration of metrics.jsonl, the mean over agents of `train_return` and `test_return`
   (the latest finished evaluation), at that record's `env_steps` (per agent);
 - per game and method: mean and sample standard deviation (ddof 1; empty for one seed) over the runs (seeds);
-- Procgen's normalized score (learners/procgen_scores.py) of the mean final test return, and its mean over
+- Procgen's normalized score (learners/study/procgen_scores.py) of the mean final test return, and its mean over
   the games of each method;
 - robustness (after `mdpo analyze`): a run's total-variation distance per rendering variant and the agreement
   between its agents, averaged over agents, then mean and std over seeds.
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from learners.config import ConfigError
-from learners.procgen_scores import normalized_score, return_range
-from learners.report_plots import plot_bars, plot_curves, plot_tsne
-from learners.runs import ANALYSIS_DIR, Run, describe_method, load_runs, mean_or_none
+from learners.study.procgen_scores import normalized_score, return_range
+from learners.study.report_plots import plot_bars, plot_curves, plot_tsne
+from learners.study.runs import ANALYSIS_DIR, Run, describe_method, load_runs, mean_or_none
 
 FINAL_COLUMNS = ["game", "method", "seeds", "final_test_mean", "final_test_std", "final_train_mean", "final_train_std",
                  "generalization_gap_mean", "generalization_gap_std", "normalized_test_mean", "normalized_test_std"]

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
-import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -20,28 +18,16 @@ import ray
 
 from actors.rollout import env_spec, remote_rollout_worker
 from learners.checkpoint import latest_checkpoint, save_checkpoint
-from learners.config import ConfigError, TrainConfig
-from learners.learner import NonFiniteError, SyncError
+from learners.config import TrainConfig
+from learners.coordinator.cluster import connect_ray, rollout_placement
+from learners.learner import NonFiniteError
+from learners.peer.sync import SyncError
 from learners.learner_worker import LearnerWorker
-from learners.plots import plot_returns
+from learners.coordinator.plots import plot_returns
 from learners.schedule import IterationPlan
-from learners.telemetry import CoordinatorTelemetry, with_run_id
+from learners.telemetry.metrics import CoordinatorTelemetry, with_run_id
 
 log = logging.getLogger("mdpo")
-
-# Learner and actor processes malloc from several threads (gRPC, peer fetches, evaluation); glibc's default of up to
-# 8 arenas per core keeps freed activation and frame buffers in each. Two arenas cut a smoke-shape learner's peak PSS
-# 653 -> 564 MB at the same update speed (`mdpo bench`). Set in the environment the embedded Ray's processes inherit
-# (a per-actor runtime_env would keep Ray from reusing its pre-started workers, which then idle at ~45 MB each); the
-# cluster image (deploy/Dockerfile) and deploy/runtime_env.yaml set it for cluster runs.
-WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
-
-
-def init_local_ray(num_cpus: int, log_to_driver: bool = True) -> None:
-    """Start an embedded single-node Ray whose worker processes inherit WORKER_ENV (a value the user set wins)."""
-    for key, value in WORKER_ENV.items():
-        os.environ.setdefault(key, value)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
 
 
 class RunStopped(Exception):
@@ -70,74 +56,15 @@ def wait_all(refs: list) -> list:
     return [done[r] for r in refs]
 
 
-def connect_ray(cfg: TrainConfig) -> bool:
-    """Join the cluster at cfg.ray_address (or RAY_ADDRESS), else start an embedded local Ray.
-    Returns True when this process started (and so must stop) Ray."""
-    if ray.is_initialized():
-        return False
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        check_reachable(address)
-        try:
-            ray.init(address=address, log_to_driver=True)
-        except ConnectionError as err:
-            raise ConfigError(f"cannot join the Ray cluster at {address!r}: {err}. Start one with `ray start --head` "
-                              "or drop --ray-address to use an embedded local Ray") from None
-        return False
-    needed = cfg.num_learners * (cfg.learner_cpus + cfg.num_actors * cfg.actor_cpus)
-    init_local_ray(max(os.cpu_count() or 1, math.ceil(needed)))
-    return True
-
-
-def preflight(cfg: TrainConfig) -> None:
-    """Checks that need the machine or network, run before anything is started."""
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        check_reachable(address)
-    elif cfg.grpc_port:   # on a local run the learners bind on this machine
-        for port in range(cfg.grpc_port, cfg.grpc_port + cfg.num_learners):
-            with socket.socket() as sock:
-                # As gRPC's own listener does: a previous run's connections in TIME_WAIT do not block the port.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind((cfg.grpc_host, port))
-                except OSError as err:
-                    raise ConfigError(f"--grpc-port: port {port} on {cfg.grpc_host} is in use ({err.strerror}); "
-                                      "pick another base port or 0 for free ports") from None
-
-
-# CPU worker nodes of the compose file and the KubeRay manifest (deploy/) carry this Ray node label
-# (`ray start --labels=mdpo-role=rollout`); learner nodes advertise the custom resource `learner` instead.
-ROLLOUT_NODE_LABEL = ("mdpo-role", "rollout")
-
-
-def rollout_placement() -> dict:
-    """Ray options that keep rollout actors and evaluators on the labelled CPU worker nodes, if the cluster has
-    any; otherwise none (embedded Ray, unlabelled clusters, where Ray already prefers non-GPU nodes for them)."""
-    key, value = ROLLOUT_NODE_LABEL
-    if any(node.get("Alive") and (node.get("Labels") or {}).get(key) == value for node in ray.nodes()):
-        return {"label_selector": {key: value}}
-    return {}
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast with a clear message instead of Ray's long retry loop on a wrong host:port."""
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--ray-address {address!r} is not host:port, ray://host:port or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as err:
-        raise ConfigError(f"--ray-address {address}: nothing answers at {host}:{port} ({err}); is the cluster up?") from None
-
-
 def summarize(values: list[float]) -> dict:
     if not values:
         return {"p50": 0.0, "p99": 0.0, "mean": 0.0}
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)), "mean": float(np.mean(values))}
+
+
+def generalization_gap(train: float | None, test: float | None) -> float | None:
+    """Train minus test return (levels seen in training vs unseen ones); None until both are known."""
+    return None if train is None or test is None else train - test
 
 
 def actor_seed(cfg: TrainConfig, learner: int, actor: int, iteration: int) -> int:
@@ -289,11 +216,20 @@ class Coordinator:
         log.warning("signal %s: finishing iteration %d, then checkpointing and stopping", signum, self.iteration + 1)
 
     def _iteration(self) -> dict:
+        """One iteration, as a newcomer can follow it through the code:
+
+        1. the plan (learners/schedule.py): this iteration's shuffled minibatch order (the same for every learner),
+           where the peers sync, the learning rate;
+        2. each learner's latest weights, as an object-store reference versioned by optimizer step;
+        3. each learner's rollout actors collect `num_steps` steps with those weights (actors/rollout.py); the
+           rollout references go straight to their learner, the driver never touches the frames;
+        4. every learner updates at once (learners/learner.py): PPO epochs over its rollouts, meeting its peers at
+           the plan's sync points over gRPC (learners/peer/) for the distillation term;
+        5. the driver adds up env steps, episode returns and sync traffic, polls finished evaluations and starts
+           new ones (actors/evaluator.py, never blocking), and returns the record that metrics.jsonl gets.
+        """
         cfg, it = self.cfg, self.iteration
-        lr = cfg.learning_rate * (1 - it / cfg.num_iterations) if cfg.anneal_lr else cfg.learning_rate
-        plan = IterationPlan(iteration=it, shuffle_seed=cfg.seed * 7919 + it, batch_size=cfg.batch_size,
-                             num_minibatches=cfg.num_minibatches, update_epochs=cfg.update_epochs, sync=cfg.sync,
-                             distill=cfg.distilling, learning_rate=lr)
+        plan = IterationPlan.for_iteration(cfg, it)
         weights = [l.weights.remote() for l in self.learners]
         # With the policy lag this iteration's rollouts were launched during the previous update.
         rollouts = self.next_rollouts or [[a.collect.remote(weights[i]) for a in self.actors[i]]
@@ -329,7 +265,7 @@ class Coordinator:
                      if k not in ("episode_returns", "episode_lengths", "sync_latencies", "actor_pids", "actor_states")}
             entry.update(id=i, actor_restarts=self.actor_restarts[i], train_return=train, episodes=len(s["episode_returns"]), test_return=test,
                          test_weights_version=self.last_eval[i]["weights_version"] if self.last_eval[i] else None,
-                         generalization_gap=None if train is None or test is None else train - test,
+                         generalization_gap=generalization_gap(train, test),
                          sync_latency=summarize(s["sync_latencies"]))
             learners.append(entry)
         return {"iteration": self.iteration, "env_steps": self.env_steps[0], "env_steps_total": sum(self.env_steps),
@@ -471,6 +407,6 @@ class Coordinator:
         }
         for entry in summary["learners"]:
             train, test = entry["final_train_return"], entry["final_test_return"]
-            entry["generalization_gap"] = None if train is None or test is None else train - test
+            entry["generalization_gap"] = generalization_gap(train, test)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

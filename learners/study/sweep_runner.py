@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from learners.config import TrainConfig
-from learners.runs import CELL_FILE
-from learners.sweep import Cell, SweepConfig, cell_status, expand, train_command
+from learners.coordinator.cluster import check_reachable, init_local_ray, run_cpus
+from learners.files import atomic_write
+from learners.study.runs import CELL_FILE
+from learners.study.sweep import Cell, SweepConfig, cell_status, expand, train_command
 
 STATUS_FILE = "sweep-status.json"
 LOG_FILE = "train.log"
@@ -32,7 +34,7 @@ _WORKER_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")   # Ray's forwarde
 
 def cell_resources(cfg: TrainConfig, cluster: dict[str, float]) -> dict[str, float]:
     """What a run reserves on the cluster, placed as the coordinator places it (evaluators run inside rollout actors)."""
-    need = {"CPU": cfg.num_learners * (cfg.learner_cpus + cfg.num_actors * cfg.actor_cpus)}
+    need = {"CPU": run_cpus(cfg)}
     if cfg.device != "cpu" and cluster.get("GPU", 0) >= cfg.num_learners:
         need["GPU"] = float(cfg.num_learners)
     if cluster.get("learner", 0) >= cfg.num_learners:
@@ -88,10 +90,7 @@ class SweepRunner:
     def write_status(self) -> None:
         data = {"runs_dir": str(self.sweep.runs_dir), "max_running": self.max_running,
                 "cells": [st.record() for st in self.states]}
-        path = self.sweep.runs_dir / STATUS_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write(self.sweep.runs_dir / STATUS_FILE, json.dumps(data, indent=1) + "\n")
 
     # --------------------------------------------------------------- the sweep
     def run(self) -> int:
@@ -119,14 +118,13 @@ class SweepRunner:
 
         address = self.sweep.ray_address or os.environ.get("RAY_ADDRESS", "")
         if address:
-            from learners.coordinator import check_reachable
-
             check_reachable(address)          # a clear ConfigError instead of Ray's long retry loop
             ray.init(address=address, log_to_driver=False)
             return address, ray.cluster_resources()
         # Like `mdpo train` alone, a local cluster is sized so that any single cell fits.
         biggest = max(cell_resources(st.cell.config, {})["CPU"] for st in pending)
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(biggest)), include_dashboard=False, log_to_driver=False)
+        # As `mdpo train`'s embedded Ray: its workers (the cells' learners and actors) inherit WORKER_ENV.
+        init_local_ray(max(os.cpu_count() or 1, math.ceil(biggest)), log_to_driver=False)
         return ray.get_runtime_context().gcs_address, ray.cluster_resources()
 
     def _run_pending(self, pending: list[CellState]) -> None:

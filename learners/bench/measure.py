@@ -40,12 +40,14 @@ import ray
 import torch
 
 from actors.rollout import RolloutWorker, env_spec, remote_rollout_worker
-from learners.batch import Rollout, Weights
+from learners.records import Weights
 from learners.config import TrainConfig, preset
-from learners.coordinator import Coordinator, init_local_ray
-from learners.distill_service import chunk_rows
+from learners.coordinator.cluster import init_local_ray, run_cpus
+from learners.coordinator.loop import Coordinator
+from learners.peer.wire import chunk_rows
 from learners.learner_worker import LearnerWorker
-from learners.memory import MemorySampler, cpu_seconds_by_kind, own_peak_rss_bytes
+from learners.bench.memory import MemorySampler, cpu_seconds_by_kind, own_peak_rss_bytes
+from learners.bench.synthetic import synthetic_rollout
 from learners.model import make_agent
 from learners.schedule import IterationPlan
 
@@ -85,10 +87,6 @@ def bench_config(size: str, env_id: str | None = None, **overrides) -> TrainConf
 
 
 # ----------------------------------------------------------------------------- probes (run inside Ray actors)
-def _probe_pid(worker) -> int:
-    return os.getpid()
-
-
 def _best_rate(measure, min_seconds: float, min_reps: int = 3) -> float:
     """Highest rate over repeated windows: a burst of load from elsewhere on the machine slows some windows,
     never speeds one up. `measure()` returns (units, seconds)."""
@@ -126,26 +124,14 @@ def _probe_actor_rate(worker: RolloutWorker, weights: Weights, min_seconds: floa
     return {"env_steps_per_second": rate, "inference_fraction": seconds["inference"] / seconds["collect"]}
 
 
-def synthetic_rollout(cfg: TrainConfig, learner_id: int, obs_shape, obs_dtype: str, num_actions: int,
-                      seed: int) -> Rollout:
-    """Random frames and a uniform behaviour policy: what the update costs does not depend on the values."""
-    rng, (T, N) = np.random.default_rng(seed), (cfg.num_steps, cfg.num_envs)
-    obs = (rng.integers(0, 256, (T, N, *obs_shape), dtype=np.uint8) if np.dtype(obs_dtype) == np.uint8
-           else rng.normal(size=(T, N, *obs_shape)).astype(obs_dtype))
-    return Rollout(learner_id, 0, 0, obs, rng.integers(0, num_actions, (T, N)).astype(np.int64),
-                   np.full((T, N), -math.log(num_actions), np.float32), rng.normal(size=(T, N)).astype(np.float32),
-                   rng.normal(size=(T, N)).astype(np.float32), rng.uniform(size=(T, N)) < 0.01,
-                   rng.normal(size=N).astype(np.float32))
-
-
 def _probe_update(worker: LearnerWorker, plan: IterationPlan, distill_mode: str) -> dict:
     """One update with `distill_mode` (every learner of the stage gets the same), so both objectives are measured
     side by side on the same learners and batch."""
     learner = worker.learner
     learner.cfg = dataclasses.replace(learner.cfg, distill_mode=distill_mode)
     if getattr(worker, "bench_rollout", None) is None:     # built in the learner's process: the driver stays lean
-        worker.bench_rollout = synthetic_rollout(worker.cfg, worker.id, learner.obs_shape, learner.obs_dtype,
-                                                 learner.num_actions, seed=worker.id)
+        worker.bench_rollout = synthetic_rollout(worker.id, learner.obs_shape, learner.obs_dtype, learner.num_actions,
+                                                 worker.cfg.num_steps, worker.cfg.num_envs, seed=worker.id)
     stats = worker.update(plan, worker.bench_rollout)
     return {k: stats[k] for k in ("update_seconds", "sync_seconds", "sync_latencies", "syncs", "sync_bytes_sent",
                                   "sync_bytes_received", "samples")}
@@ -230,8 +216,7 @@ def measure_learners(cfg: TrainConfig, spec: BenchSize) -> dict:
 
     def run(sync: str, distill: bool = True, mode: str = "detached") -> list[dict]:
         nonlocal iteration
-        plan = IterationPlan(iteration, cfg.seed * 7919 + iteration, cfg.batch_size, cfg.num_minibatches,
-                             cfg.update_epochs, sync, distill, cfg.learning_rate)
+        plan = IterationPlan.for_iteration(cfg, iteration, sync=sync, distill=distill)
         iteration += 1
         return ray.get([l.__ray_call__.remote(_probe_update, plan, mode) for l in learners])
 
@@ -390,7 +375,7 @@ def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | 
     def say(message: str) -> None:
         log(f"[bench {time.perf_counter() - t_start:6.1f}s] {message}")
 
-    needed = cfg.num_learners * (cfg.learner_cpus + max(max_actors, cfg.num_actors) * cfg.actor_cpus)
+    needed = run_cpus(cfg, max(max_actors, cfg.num_actors))
     owns_ray = not ray.is_initialized()
     if owns_ray:
         init_local_ray(max(cores, math.ceil(needed)), log_to_driver=False)
@@ -515,7 +500,7 @@ def format_table(r: dict) -> str:
     if r.get("exact_cost"):       # results saved before exact mode was measured have none
         e = r["exact_cost"]
         each = ", ".join(f"{x['ratio']:.2f}" for x in e["rounds"])
-        row(f"exact cost: exact / detached update (sync minibatch), median", e["ratio"],
+        row("exact cost: exact / detached update (sync minibatch), median", e["ratio"],
             f"of {len(e['rounds'])} rounds: {each}; target <= {e['target']:.2f}", "{:.2f}")
         row("  best of each", e["exact_seconds"] / e["detached_seconds"], f"({e['exact_seconds']:.2f} s vs "
             f"{e['detached_seconds']:.2f} s); exact blocked in syncs {e['sync_fraction']:.2f} of its time", "{:.2f}")
@@ -561,7 +546,7 @@ def main(args) -> int:
         if args.json and not args.from_json:
             Path(args.json).write_text(text + "\n")
     if args.plot:
-        from learners.bench_plots import plot_bench
+        from learners.bench.plots import plot_bench
 
         plot_bench(result, Path(args.plot))
         if args.json != "-":

@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.envs import is_procgen
+from actors.envs import ProcgenVectorEnv, is_procgen
 from actors.render_pairs import DEFAULT_RENDERING, RENDER_VARIANTS, PairedProcgenEnv
 from learners.checkpoint import latest_checkpoint, tensors_from_bytes
 from learners.config import ConfigError
 from learners.model import Agent, make_agent
-from learners.report_plots import plot_tsne
-from learners.runs import ANALYSIS_DIR, ANALYSIS_FILE, find_run_dirs, load_run
+from learners.study.report_plots import plot_tsne
+from learners.study.runs import ANALYSIS_DIR, ANALYSIS_FILE, find_run_dirs, load_run
 
-PROCGEN_OBS = ((64, 64, 3), "uint8", 15)
+PROCGEN_OBS = ProcgenVectorEnv.SPEC
 TEST_SEED_OFFSET = 2 * 10**8    # training seeds are small, evaluation seeds start at 10**8
 
 

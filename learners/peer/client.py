@@ -1,0 +1,84 @@
+"""A learner's gRPC client to one peer learner's Distill service (every call carries a deadline)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from learners.peer.security import ChannelSecurity
+from learners.peer.sync import SyncPoint
+from learners.peer.wire import MAX_MESSAGE_BYTES, SERVICE_NAME, chunk_rows, from_ndarray, sync_msg, to_ndarray
+from protos import distill_pb2 as pb
+from protos import distill_pb2_grpc as pb_grpc
+
+
+class PeerClient:
+    """A learner's connection to one peer learner's Distill service."""
+
+    def __init__(self, peer_id: int, my_id: int, address: str, timeout_s: float,
+                 security: ChannelSecurity = ChannelSecurity()):
+        self.peer_id, self.my_id, self.address, self.timeout_s = peer_id, my_id, address, timeout_s
+        self.metadata = security.metadata
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if security.cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=security.ca, private_key=security.key if security.mtls else None,
+                certificate_chain=security.cert if security.mtls else None)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = pb_grpc.DistillStub(self.channel)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        status = health_pb2_grpc.HealthStub(self.channel).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, metadata=self.metadata).status
+        if status != health_pb2.HealthCheckResponse.SERVING:
+            raise ConnectionError(f"peer {self.peer_id} at {self.address} is not serving (status {status})")
+
+    def fetch_logits(self, sync: SyncPoint, obs: np.ndarray, keep_graph: bool,
+                     on_chunk: Callable[[np.ndarray], None] | None = None,
+                     max_rows: int | None = None) -> tuple[np.ndarray, int, int]:
+        """The peer's logits on `obs` (any sliceable rows with .shape/.dtype), plus (bytes sent, bytes received).
+        `on_chunk` sees each chunk of logits as it arrives, so the caller can use the first rows early; `max_rows`
+        caps the rows per message (smaller chunks: the first logits come back sooner)."""
+        rows = min(chunk_rows(obs), max_rows or len(obs) or 1)
+        starts = range(0, len(obs), rows)
+        sent = 0
+
+        def requests():
+            nonlocal sent
+            for i, start in enumerate(starts):
+                msg = pb.ObsChunk(sync=sync_msg(sync), chunk_index=i, num_chunks=len(starts),
+                                  obs=to_ndarray(obs[start:start + rows]), keep_graph=keep_graph)
+                sent += msg.ByteSize()
+                yield msg
+
+        chunks, received = [], 0
+        call = self.stub.PeerLogits(requests(), timeout=self.timeout_s, metadata=self.metadata)
+        try:
+            for reply in call:
+                received += reply.ByteSize()
+                chunks.append(from_ndarray(reply.logits))
+                if on_chunk is not None:
+                    on_chunk(chunks[-1])
+        except BaseException:
+            call.cancel()        # e.g. on_chunk rejected a chunk: do not leave the stream open
+            raise
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32), sent, received
+
+    def send_grad(self, sync: SyncPoint, grad: np.ndarray) -> int:
+        grad = grad.astype(np.float32, copy=False)
+        rows = chunk_rows(grad)
+        msgs = [pb.GradChunk(sync=sync_msg(sync), chunk_index=i, num_chunks=-(-len(grad) // rows),
+                             grad=to_ndarray(grad[start:start + rows]))
+                for i, start in enumerate(range(0, len(grad), rows))]
+        self.stub.PeerGrad(iter(msgs), timeout=self.timeout_s, metadata=self.metadata)
+        return sum(m.ByteSize() for m in msgs)
+
+    def close(self) -> None:
+        self.channel.close()

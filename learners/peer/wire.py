@@ -1,0 +1,42 @@
+"""The wire format of the peer exchange (protos/distill.proto): tensors as NDArray {dtype, shape, bytes}, sync
+points, and message sizes. Streams keep every message under MAX_MESSAGE_BYTES."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from learners.peer.sync import SyncPoint
+from protos import distill_pb2 as pb
+
+CHUNK_BYTES = 2 << 20                 # payload per streamed message
+MAX_MESSAGE_BYTES = 8 << 20           # accepted per message (payload + headers), on both sides
+SERVICE_NAME = "mdpo.v1.Distill"
+ALLOWED_DTYPES = {"uint8", "float32", "float64", "int64"}
+
+
+def to_ndarray(array: np.ndarray) -> pb.NDArray:
+    array = np.ascontiguousarray(array)
+    return pb.NDArray(dtype=array.dtype.name, shape=list(array.shape), data=array.tobytes())
+
+
+def from_ndarray(msg: pb.NDArray) -> np.ndarray:
+    if msg.dtype not in ALLOWED_DTYPES:
+        raise ValueError(f"dtype {msg.dtype!r} not allowed (one of {sorted(ALLOWED_DTYPES)})")
+    dtype = np.dtype(msg.dtype)
+    shape = tuple(msg.shape)
+    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(msg.data):
+        raise ValueError(f"NDArray of shape {shape} and dtype {msg.dtype} cannot hold {len(msg.data)} bytes")
+    return np.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)  # writable: torch needs it
+
+
+def sync_from(msg: pb.SyncPoint) -> SyncPoint:
+    return SyncPoint(peer_id=msg.peer_id, iteration=msg.iteration, sync_index=msg.sync_index, step=msg.step)
+
+
+def sync_msg(sync: SyncPoint) -> pb.SyncPoint:
+    return pb.SyncPoint(peer_id=sync.peer_id, iteration=sync.iteration, sync_index=sync.sync_index, step=sync.step)
+
+
+def chunk_rows(array: np.ndarray) -> int:
+    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
+    return max(1, CHUNK_BYTES // row_bytes)

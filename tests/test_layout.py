@@ -1,0 +1,126 @@
+"""The layout's rules, read from the source with ast: imports go one way and form no cycle (README: Layout)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("actors", "learners", "protos")
+# The learner math and its process: what a researcher changes. It must not reach into the driver-side roles.
+LEARNER_MATH = ("learners.ppo", "learners.model", "learners.learner", "learners.records", "learners.schedule",
+                "learners.peer")
+DRIVER_SIDE = ("learners.coordinator", "learners.study", "learners.bench", "learners.cli")
+# Actors import only config, the data types, the model and telemetry (and their own modules).
+ACTOR_MAY_IMPORT = ("actors", "learners.config", "learners.records", "learners.model", "learners.telemetry")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+            if "__pycache__" not in p.parts and not p.name.endswith(("_pb2.py", "_pb2_grpc.py"))}
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every project module `path` imports, at module level or inside a function (a deferred import is still a
+    dependency), resolved to the module itself (`from learners import ppo` -> learners.ppo)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and not modules[name].name == "__init__.py":
+                found.add(name)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: imports_of(path, modules) - {name} for name, path in modules.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_the_checks_can_fail():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    modules = project_modules()
+    assert {"learners.learner", "learners.peer.fetch", "learners.coordinator.loop", "actors.rollout"} <= set(modules)
+    assert "learners.peer.sync" in graph()["learners.learner"]
+
+
+def test_no_import_cycle_between_modules():
+    cycle = find_cycle(graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_learner_math_imports_no_coordinator_study_bench_or_cli_code():
+    bad = {(m, d) for m, deps in graph().items() if within(m, LEARNER_MATH) for d in deps if within(d, DRIVER_SIDE)}
+    assert not bad, f"learner math importing driver-side code: {sorted(bad)}"
+
+
+def test_actors_import_only_config_data_types_model_and_telemetry():
+    bad = {(m, d) for m, deps in graph().items() if within(m, ("actors",)) for d in deps
+           if not within(d, ACTOR_MAY_IMPORT) and not d.startswith("protos")}
+    assert not bad, f"actors importing outside their allowance: {sorted(bad)}"
+
+
+def test_nothing_imports_the_cli():
+    users = {m for m, deps in graph().items() if "learners.cli" in deps}
+    assert not users, f"the CLI is a leaf: {sorted(users)} import it"
+
+
+def test_a_peer_that_breaks_the_protocol_is_a_protocol_error_not_divergence():
+    from learners.learner import NonFiniteError
+    from learners.peer.fetch import PeerFetch
+    from learners.peer.sync import ProtocolError
+
+    order = np.arange(4)
+    for chunk in (np.zeros((2, 3), np.float32), np.zeros((6, 15), np.float32), np.full((2, 15), np.nan, np.float32)):
+        fetch = PeerFetch(1, order, 15)
+        with pytest.raises(ProtocolError) as err:
+            fetch._on_chunk(chunk)
+        assert not isinstance(err.value, NonFiniteError)
+
+    fetch = PeerFetch(1, order, 15)
+    fetch.run(lambda sync, obs, keep, on_chunk: (on_chunk(np.zeros((2, 15), np.float32)) or np.zeros((2, 15)), 0, 0),
+              None, None, False)
+    with pytest.raises(ProtocolError, match="returned 2 rows of logits, expected 4"):
+        fetch.join(1)

@@ -1,0 +1,62 @@
+"""A non-editable install (what the Docker image does) carries every package and subpackage and runs from anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, f"{cmd}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_path):
+    # The wheel, built from the checkout as pip builds it (the build hook compiles the protos into it).
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+         str(ROOT)], cwd=tmp_path)
+    wheel = next((tmp_path / "dist").glob("mdpo-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = {str(p.parent.relative_to(ROOT)) for pkg in ("actors", "learners", "protos")
+                for p in (ROOT / pkg).rglob("__init__.py") if "__pycache__" not in p.parts}
+    assert {"learners/peer", "learners/coordinator", "learners/study", "learners/bench", "learners/telemetry"} <= packages
+    for package in packages:
+        assert f"{package}/__init__.py" in names, f"{package} is missing from the wheel"
+    assert "protos/distill_pb2.py" in names and "protos/distill_pb2_grpc.py" in names
+
+    # A fresh venv outside the checkout; its third-party packages come from this test's environment (a path
+    # entry, so nothing of the checkout, such as the editable install's finder, comes along).
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
+    python = venv / "bin" / "python"
+    purelib = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path)
+    (Path(purelib.stdout.strip()) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)], cwd=tmp_path)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = run([str(python), "-c", "import learners.peer.client, learners.coordinator.loop, learners.study.sweep, "
+                 "learners.bench.measure, actors.evaluator, protos.distill_pb2, learners; print(learners.__file__)"],
+                cwd=elsewhere)
+    assert str(venv) in where.stdout and str(ROOT) not in where.stdout, where.stdout
+
+    mdpo = str(venv / "bin" / "mdpo")
+    assert "train" in run([mdpo, "--help"], cwd=elsewhere).stdout
+    run_dir = elsewhere / "cartpole"
+    run([mdpo, "train", "--preset", "cartpole", "--total-steps", "2048", "--run-dir", str(run_dir), "--no-progress",
+         "--metrics-port", "-1", "--eval-every", "1"], cwd=elsewhere, timeout=420, env={"PYTHONPATH": ""})
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] and summary["iterations"] == 2
+    assert summary["env_steps"]["per_agent"] == [2048, 2048]
