@@ -266,7 +266,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 STUDY_COMMANDS = {"sweep": cmd_sweep, "analyze": cmd_analyze, "report": cmd_report}
 
 
-# ------------------------------------------------------------------ bench (learners/bench/measure.py)
+# ------------------------------------------------------------------ bench (learners/bench/)
 def _add_bench_command(sub) -> None:
     bench = sub.add_parser("bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            help="measure every stage and the whole pipeline on this machine (README: Performance)")
@@ -288,7 +288,7 @@ def _add_bench_command(sub) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from learners.bench import measure as bench
+    from learners.bench.table import main as bench_main
 
     if args.iterations is not None and args.iterations < 3:
         print("mdpo bench: error: --iterations must be >= 3 (the first is warm-up; the lag needs one more)",
@@ -303,7 +303,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"mdpo bench: error: --from {args.from_json}: no such file; give a result written by "
               "`mdpo bench --json PATH`", file=sys.stderr)
         return 2
-    return bench.main(args)
+    return bench_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -339,6 +339,20 @@ class Learner:
                     self._live_readers -= 1
                     self._cond.notify_all()
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of me: weights, Adam state, and my counters (the weights' version)."""
+        return {"learner_id": self.id, "step": self.step, "iteration": self.iteration,
+                "model": self.agent.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict(); every sync in progress is dropped first (its step is about to change)."""
+        if state["learner_id"] != self.id:
+            raise ValueError(f"checkpoint is for learner {state['learner_id']}, not {self.id}")
+        self.forget_syncs()
+        self.agent.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.iteration = int(state["step"]), int(state["iteration"])
+
     def forget_syncs(self) -> None:
         """Drop every sync in progress (kept weights, counts): my step is about to be set from a checkpoint."""
         with self._cond:

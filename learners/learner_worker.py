@@ -49,9 +49,9 @@ class LearnerWorker:
                 "address": self.address(), "metrics": self.telemetry.endpoint()}
 
     def connect(self, addresses: dict[int, str]) -> None:
-        self.clients = [PeerClient(pid, self.id, addr, self.cfg.rpc_timeout_s, self.security)
+        self.clients = [PeerClient(pid, self.id, addr, self.cfg.rpc_timeout_s, self.security,
+                                   interceptors=self.telemetry.grpc_client_interceptors())
                         for pid, addr in sorted(addresses.items()) if pid != self.id]
-        self.telemetry.instrument_clients(self.clients)
         for client in self.clients:
             client.wait_ready(self.cfg.rpc_timeout_s)
         self.learner.connect(self.clients)
@@ -79,23 +79,13 @@ class LearnerWorker:
         return stats
 
     def state(self) -> bytes:
-        learner = self.learner
-        return tensors_to_bytes({
-            "learner_id": self.id, "step": learner.step, "iteration": learner.iteration,
-            "model": learner.agent.state_dict(), "optimizer": learner.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state()})
+        return tensors_to_bytes({**self.learner.state_dict(), "torch_rng": torch.get_rng_state()})
 
     def load_state(self, data: bytes) -> int:
         state = tensors_from_bytes(data)
-        if state["learner_id"] != self.id:
-            raise ValueError(f"checkpoint is for learner {state['learner_id']}, not {self.id}")
-        learner = self.learner
-        learner.forget_syncs()
-        learner.agent.load_state_dict(state["model"])
-        learner.optimizer.load_state_dict(state["optimizer"])
-        learner.step, learner.iteration = int(state["step"]), int(state["iteration"])
+        self.learner.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
-        return learner.step
+        return self.learner.step
 
     def stop(self) -> None:
         for client in self.clients:

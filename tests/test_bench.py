@@ -11,7 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from learners.bench.measure import SIZES, _bounds, bench_config, format_table, steady_rate, sync_schedules
+from learners.bench.measure import SIZES, _bounds, bench_config, steady_rate
+from learners.bench.stages import sync_schedules
+from learners.bench.table import format_table
 from learners.bench.memory import MemorySampler, process_kind
 
 FRAME_BYTES = 64 * 64 * 3

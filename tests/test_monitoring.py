@@ -29,8 +29,8 @@ from learners.peer.client import PeerClient
 from learners.peer.service import serve
 from learners.learner import Learner
 from learners.peer.sync import SyncPoint
-from learners.telemetry.metrics import (ActorTelemetry, CoordinatorTelemetry, EvaluatorTelemetry, LearnerTelemetry,
-                                metrics_port, ports_needed)
+from learners.telemetry.coordinator import CoordinatorTelemetry
+from learners.telemetry.metrics import ActorTelemetry, EvaluatorTelemetry, LearnerTelemetry, metrics_port, ports_needed
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -260,10 +260,9 @@ def test_grpc_calls_are_counted_by_status_code_on_both_ends():
     a, b = (Learner(cfg, i, (4,), "float32", 2) for i in range(2))
     server_tel, client_tel = LearnerTelemetry(cfg, 1), LearnerTelemetry(cfg, 0)
     server, port = serve(b, "127.0.0.1", 0, interceptors=(server_tel.grpc_server_interceptor(),))
-    client = PeerClient(1, 0, f"127.0.0.1:{port}", 10)
-    dead = PeerClient(1, 0, f"127.0.0.1:{port}", 1)
+    client = PeerClient(1, 0, f"127.0.0.1:{port}", 10, interceptors=client_tel.grpc_client_interceptors())
+    dead = PeerClient(1, 0, f"127.0.0.1:{port}", 1, interceptors=client_tel.grpc_client_interceptors())
     try:
-        client_tel.instrument_clients([client, dead])
         client.wait_ready(10)
         b.connect([PeerClient(0, 1, "127.0.0.1:1", 10)])     # b accepts syncs from peer 0 (never calls it)
         obs = np.zeros((6, 4), np.float32)

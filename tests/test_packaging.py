@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -24,9 +25,13 @@ def run(cmd: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
 
 
 def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_path):
-    # The wheel, built from the checkout as pip builds it (the build hook compiles the protos into it).
+    # The wheel, built as pip builds it (the build hook compiles the protos into it), from a copy of the checkout:
+    # setuptools writes build/ into the tree it builds.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+                                                                 "__pycache__", "*_pb2*.py", "*_pb2.pyi"))
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
-         str(ROOT)], cwd=tmp_path)
+         str(source)], cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("mdpo-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     packages = {str(p.parent.relative_to(ROOT)) for pkg in ("actors", "learners", "protos")

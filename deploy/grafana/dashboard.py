@@ -3,7 +3,7 @@
     python deploy/grafana/dashboard.py          # rewrite the JSON after editing PANELS below
 
 The JSON is committed (Grafana provisions it as is); tests/test_monitoring.py checks that it matches
-this script, that every metric its queries name is exported by learners/telemetry/metrics.py, and that every
+this script, that every metric its queries name is exported by learners/telemetry/, and that every
 query returns data from a real Prometheus scraping a real training run.
 
 Queries may use the dashboard variables `$run_id` (multi-select, `.*` for all) and Grafana's
@@ -188,7 +188,7 @@ def build() -> dict:
     return {
         "title": "MDPO training",
         "uid": "mdpo-training",
-        "description": "Is it learning, is it generalizing, is it fast, is anything broken? (mdpo, learners/telemetry/metrics.py)",
+        "description": "Is it learning, is it generalizing, is it fast, is anything broken? (mdpo, learners/telemetry/)",
         "tags": ["mdpo", "reinforcement-learning"],
         "timezone": "browser",
         "editable": True,

@@ -25,7 +25,8 @@ from learners.peer.sync import SyncError
 from learners.learner_worker import LearnerWorker
 from learners.coordinator.plots import plot_returns
 from learners.schedule import IterationPlan
-from learners.telemetry.metrics import CoordinatorTelemetry, with_run_id
+from learners.telemetry.coordinator import CoordinatorTelemetry, RunProgress
+from learners.telemetry.metrics import with_run_id
 
 log = logging.getLogger("mdpo")
 
@@ -130,7 +131,7 @@ class Coordinator:
             if self.metrics_path.exists():
                 self.metrics_path.unlink()
             self.checkpoint(0.0)    # iteration 0: every failure has a checkpoint to roll back to
-        self.telemetry.attach(self)   # serve /metrics, write the Prometheus targets files
+        self.telemetry.attach(self.progress())   # serve /metrics, write the Prometheus targets files
 
     def _start_learners(self) -> None:
         learner_opts, obs_shape, obs_dtype, num_actions = self._learner_args
@@ -149,6 +150,11 @@ class Coordinator:
     def _new_actor(self, learner: int, actor: int):
         return self._remote_actor.remote(self.cfg, learner, actor, self._actor_seed(learner, actor),
                                          self._eval_seed(learner))
+
+    def progress(self) -> RunProgress:
+        return RunProgress(self.iteration, list(self.env_steps), self.failures,
+                           [info.get("metrics") or {} for info in self.learner_info],
+                           [a for group in self.actors for a in group], len(self.evaluators))
 
     @property
     def evaluators(self) -> list:
@@ -192,7 +198,7 @@ class Coordinator:
                 record["env_steps_per_second"] = sum(self.env_steps) / record["wall_seconds"]
                 with self.metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                self.telemetry.on_iteration(self, record)
+                self.telemetry.on_iteration(self.progress(), record)
                 if progress:
                     progress(record)
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.num_iterations:

@@ -19,7 +19,8 @@ class PeerClient:
     """A learner's connection to one peer learner's Distill service."""
 
     def __init__(self, peer_id: int, my_id: int, address: str, timeout_s: float,
-                 security: ChannelSecurity = ChannelSecurity()):
+                 security: ChannelSecurity = ChannelSecurity(), interceptors: tuple = ()):
+        """`interceptors` (grpc client interceptors, e.g. telemetry's call counter) see every Distill call."""
         self.peer_id, self.my_id, self.address, self.timeout_s = peer_id, my_id, address, timeout_s
         self.metadata = security.metadata
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -31,7 +32,8 @@ class PeerClient:
             self.channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self.channel = grpc.insecure_channel(address, options=options)
-        self.stub = pb_grpc.DistillStub(self.channel)
+        self.stub = pb_grpc.DistillStub(grpc.intercept_channel(self.channel, *interceptors) if interceptors
+                                        else self.channel)
 
     def wait_ready(self, timeout_s: float) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)

@@ -1,6 +1,6 @@
 """Prometheus metrics of every mdpo process: their definitions, the /metrics endpoints, the targets file.
 
-Each process owns one telemetry object for its role: `CoordinatorTelemetry` (the `mdpo train` driver),
+Each process owns one telemetry object for its role: `CoordinatorTelemetry` (the `mdpo train` driver, learners/telemetry/coordinator.py),
 `LearnerTelemetry` (a LearnerWorker, including the distillation and gRPC metrics), `ActorTelemetry`
 (a RolloutWorker) and `EvaluatorTelemetry` (an Evaluator, hosted by the first RolloutWorker of its learner). Each has its own `CollectorRegistry`, so
 several runs in one process never collide, and serves it with prometheus_client's HTTP server. We use
@@ -28,17 +28,14 @@ import json
 import logging
 import math
 import os
-import re
 import socket
-import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Iterable
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, Summary,
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, Summary,
                                disable_created_metrics, start_http_server)
-from prometheus_client.core import GaugeMetricFamily
 
 from learners.files import atomic_write
 from learners.config import TrainConfig
@@ -324,14 +321,10 @@ class LearnerTelemetry(Telemetry):
         from learners.telemetry.grpc import ServerMetricsInterceptor
         return ServerMetricsInterceptor(self._grpc_server_record)
 
-    def instrument_clients(self, clients) -> None:
-        """Route each PeerClient's calls through a channel that counts them by status code."""
-        import grpc
-
+    def grpc_client_interceptors(self) -> tuple:
+        """For PeerClient(interceptors=...): counts the client's calls by status code."""
         from learners.telemetry.grpc import ClientMetricsInterceptor
-        interceptor = ClientMetricsInterceptor(self._grpc_client_record)
-        for client in clients:
-            client.stub = type(client.stub)(grpc.intercept_channel(client.channel, interceptor))
+        return (ClientMetricsInterceptor(self._grpc_client_record),)
 
     # updates ------------------------------------------------------------------------------
     def record_update(self, stats: dict, rollouts, started: float, step_before: int) -> None:
@@ -372,174 +365,6 @@ class LearnerTelemetry(Telemetry):
 
 
 # ------------------------------------------------------------------------------- coordinator
-class _LiveWorkers:
-    """Collector: Ray actors of each kind that the GCS reports ALIVE, asked at scrape time (cached 1 s)."""
-
-    NAME = f"{PREFIX}_coordinator_live_workers"
-    DOC = "Ray actors of each kind (learner, actor, evaluator) that are alive, per Ray's GCS."
-
-    def __init__(self, telemetry: "CoordinatorTelemetry"):
-        self.telemetry = telemetry
-        self._cache: tuple[float, dict[str, int] | None] = (0.0, None)
-        self._lock = threading.Lock()
-
-    def counts(self) -> dict[str, int] | None:
-        with self._lock:
-            if time.monotonic() - self._cache[0] < 1.0:
-                return self._cache[1]
-            workers = list(self.telemetry.workers.values())
-            states = actor_states({aid for aid, _ in workers})
-            counts = None
-            if states is not None:
-                counts = {kind: 0 for kind in ("learner", "actor", "evaluator")}
-                for aid, kind in workers:     # an evaluator is alive when the rollout actor hosting it is
-                    counts[kind] += states.get(aid) == "ALIVE"
-            self._cache = (time.monotonic(), counts)
-            return counts
-
-    def describe(self):
-        return [GaugeMetricFamily(self.NAME, self.DOC, labels=[*self.telemetry.labels, "kind"])]
-
-    def collect(self):
-        family = GaugeMetricFamily(self.NAME, self.DOC, labels=[*self.telemetry.labels, "kind"])
-        for kind, n in (self.counts() or {}).items():
-            family.add_metric([*self.telemetry.labels.values(), kind], n)
-        yield family
-
-
-class CoordinatorTelemetry(Telemetry):
-    """The driver: progress, train vs test return per agent, generalization gap, workers, targets file."""
-
-    role = "coordinator"
-
-    def __init__(self, cfg: TrainConfig, run_dir: Path | str):
-        super().__init__(cfg)
-        c, m = self._child, self._metric
-        self.run_dir = Path(run_dir)
-        self.targets_path = self.run_dir / TARGETS_FILE
-        self.sd_path = sd_dir(cfg, run_dir) / (re.sub(r"[^A-Za-z0-9_.-]", "_", self.labels["run_id"]) + ".json")
-        self.run_info = c(m(Info, "run", "Configuration of the run."))
-        self.iteration = c(m(Gauge, "coordinator_iteration", "Iterations completed."))
-        self.iterations_planned = c(m(Gauge, "coordinator_iterations_planned", "Iterations the run is configured for."))
-        self.env_steps = m(Counter, "coordinator_env_steps_total", "Environment steps per agent (training levels).",
-                           ("learner_id",))
-        self.steps_per_second = c(m(Gauge, "coordinator_env_steps_per_second",
-                                    "Environment steps per second, all agents, since the run (re)started."))
-        self.train_return = m(Gauge, "coordinator_train_return", "Mean return of the last --return-window training "
-                              "episodes of an agent.", ("learner_id",))
-        self.test_return = m(Gauge, "coordinator_test_return", "Mean return of an agent's latest evaluation on unseen "
-                             "levels.", ("learner_id",))
-        self.gap = m(Gauge, "coordinator_generalization_gap", "Train return minus test return of an agent.", ("learner_id",))
-        self.iteration_seconds = c(m(Histogram, "coordinator_iteration_seconds", "Wall time of one iteration "
-                                     "(rollouts, updates and syncs).", buckets=DURATION_BUCKETS))
-        self.last_progress = c(m(Gauge, "coordinator_last_progress_timestamp_seconds", "Unix time of the last finished "
-                                 "iteration (or of the start)."))
-        self.expected = m(Gauge, "coordinator_expected_workers", "Ray actors of each kind the run started.", ("kind",))
-        self.failures = c(m(Counter, "coordinator_recovered_failures_total", "Learner/actor failures the run recovered "
-                            "from by restarting from the latest checkpoint."))
-        self.workers: dict[str, tuple[str, str]] = {}   # instance -> (Ray actor id of its process, kind)
-        self._failures_seen = 0
-        self.live = _LiveWorkers(self)
-        self.registry.register(self.live)
-        self.endpoints: dict[str, dict] = {}          # instance -> endpoint
-        self._steps_seen: dict[int, int] = {}
-        self._last_time = time.perf_counter()
-
-    # lifecycle ----------------------------------------------------------------------------
-    def attach(self, coordinator) -> None:
-        """At the end of Coordinator.start(): serve, gather every process's endpoint, write the targets files."""
-        cfg = self.cfg
-        self.serve()
-        self.run_info.info({"env_id": cfg.env_id, "alpha": str(cfg.alpha), "distill_mode": cfg.distill_mode,
-                            "sync": cfg.sync, "num_learners": str(cfg.num_learners), "seed": str(cfg.seed)})
-        self.iterations_planned.set(cfg.num_iterations)
-        self.iteration.set(coordinator.iteration)
-        self._count_up(coordinator)
-        self._child(self.expected, kind="learner").set(len(coordinator.learners))
-        self._child(self.expected, kind="actor").set(sum(len(group) for group in coordinator.actors))
-        self._child(self.expected, kind="evaluator").set(len(coordinator.evaluators))
-        self.endpoints = {self.instance: self.endpoint()}
-        self._refresh_endpoints(coordinator, actors_wait_s=120, quiet=True)   # printed by the CLI
-        self.last_progress.set_to_current_time()
-        self._last_time = time.perf_counter()
-
-    def on_iteration(self, coordinator, record: dict) -> None:
-        """After each iteration's record (metrics.jsonl line) is written."""
-        now = time.perf_counter()
-        self.iteration_seconds.observe(now - self._last_time)
-        self._last_time = now
-        self.iteration.set(record["iteration"])
-        self.steps_per_second.set(record.get("env_steps_per_second", 0.0))
-        self._count_up(coordinator)
-        for entry in record["learners"]:
-            for gauge, key in ((self.train_return, "train_return"), (self.test_return, "test_return"),
-                               (self.gap, "generalization_gap")):
-                if entry.get(key) is not None:
-                    self._child(gauge, learner_id=entry["id"]).set(entry[key])
-        self.last_progress.set_to_current_time()
-        self._refresh_endpoints(coordinator, actors_wait_s=30)
-
-    def _count_up(self, coordinator) -> None:
-        """Counters follow the coordinator's totals (restored ones included; a rollback never lowers them)."""
-        for i, steps in enumerate(coordinator.env_steps):
-            self._child(self.env_steps, learner_id=i).inc(max(0, steps - self._steps_seen.get(i, 0)))
-            self._steps_seen[i] = max(steps, self._steps_seen.get(i, 0))
-        failures = getattr(coordinator, "failures", 0)
-        self.failures.inc(max(0, failures - self._failures_seen))
-        self._failures_seen = max(failures, self._failures_seen)
-
-    def _refresh_endpoints(self, coordinator, actors_wait_s: float, quiet: bool = False) -> None:
-        """Learners restarted after a failure and rollout actors restarted by Ray (with the evaluators they host)
-        serve on new ports: re-read the endpoints and rewrite the targets files when one changed. Rollout actors
-        are idle between iterations (with the policy lag, a busy one answers after its rollout)."""
-        import ray
-
-        if self.cfg.metrics_port < 0:
-            return
-        found = [info["metrics"] for info in coordinator.learner_info if info.get("metrics")]
-        actors = [a for group in coordinator.actors for a in group]
-        try:   # an actor's own endpoint and, for the first actor of a learner, its evaluator's
-            found += [e for endpoints in ray.get([a.metrics_endpoints.remote() for a in actors],
-                                                 timeout=actors_wait_s) for e in endpoints]
-        except Exception as err:  # an actor in the middle of a restart: try again next iteration
-            log.warning("could not read the rollout actors' metrics endpoints: %s", err)
-        changed = [e for e in found if e.get("address")
-                   and self.endpoints.get(e["labels"]["instance"], {}).get("address") != e["address"]]
-        for e in changed:
-            self.endpoints[e["labels"]["instance"]] = e
-        self.workers = {instance: (e["ray_actor_id"], e["labels"]["role"]) for instance, e in self.endpoints.items()
-                        if e.get("ray_actor_id")}
-        if changed and not quiet:
-            log.info("metrics endpoints: %s", ", ".join(f"{e['labels']['instance']} {e['address']}" for e in changed))
-        if changed:
-            self.write_targets()
-
-    def close(self, clean: bool = True) -> None:
-        """Stop serving. After a clean end (finished or stopped) the shared targets file goes, so Prometheus
-        stops scraping; after a crash it stays, and the `up == 0` alerts say the run is down."""
-        if clean and self.sd_path.exists():
-            self.sd_path.unlink()
-        super().close()
-
-    # targets ------------------------------------------------------------------------------
-    def target_groups(self) -> list[dict]:
-        return [{"targets": [e["address"]], "labels": e["labels"]} for e in self.endpoints.values() if e.get("address")]
-
-    def write_targets(self) -> None:
-        if self.cfg.metrics_port < 0:
-            return
-        groups = self.target_groups()
-        for path in (self.targets_path, self.sd_path):
-            write_targets(path, groups)
-
-    def describe_endpoints(self) -> str:
-        """What `mdpo train` prints: every endpoint and the targets files."""
-        if self.cfg.metrics_port < 0:
-            return "metrics: off (--metrics-port -1)"
-        lines = [f"metrics: {len(self.endpoints)} Prometheus endpoints (file_sd targets: {self.targets_path}, "
-                 f"{self.sd_path}); run_id={self.labels['run_id']}"]
-        lines += [f"  {name:<16} http://{e['address']}/metrics" for name, e in self.endpoints.items() if e.get("address")]
-        return "\n".join(lines)
 
 
 def write_targets(path: Path, groups: list[dict]) -> None:
