@@ -9,7 +9,7 @@ The authors wrap their Procgen envs in gym 0.23.1's `NormalizeReward`. Per step,
 
 Gymnasium 1.x's vector `NormalizeReward` differs at episode ends (it drops the accumulated return at the terminal
 step and its reset timing has changed between 1.x releases), so mdpo carries this arithmetic itself; the running
-statistics are gymnasium's `RunningMeanStd`, whose update is the same as gym 0.23.1's. tests/test_envs.py checks a
+statistics are gymnasium's `RunningMeanStd`, whose update is the same as gym 0.23.1's. tests/test_fidelity.py checks a
 hand-computed trace.
 """
 

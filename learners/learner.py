@@ -231,7 +231,6 @@ class Learner:
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteError(f"learner {self.id}: non-finite gradient norm at step {self.step}; update aborted")
             self.optimizer.step()
-            # Zeroed in the same critical section so a peer's gradient for the next step is never wiped.
             self.optimizer.zero_grad(set_to_none=True)
             self._kept = {k: v for k, v in self._kept.items() if k[1] > self.step}
             self._grads_queued = {k: v for k, v in self._grads_queued.items() if k[1] > self.step}
@@ -430,7 +429,7 @@ class Learner:
 
     def apply_peer_grad(self, sync: SyncPoint, grad: np.ndarray) -> None:
         """Exact mode: a peer's d(loss)/d(my logits), checked and queued; my training thread backpropagates it
-        before its optimizer step (_wait_for_peers). Backpropagating here, in the server's thread, would make my
+        before its optimizer step (_backprop_peer_grads). Backpropagating here, in the server's thread, would make my
         own update wait for it on my core while the peer, done first, idles."""
         if sync.peer_id not in self.peer_ids:
             raise SyncError(f"learner {self.id}: unknown peer id {sync.peer_id}")
