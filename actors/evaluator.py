@@ -15,7 +15,7 @@ from actors.envs import make_vector_env, obs_spec
 from learners.records import Weights
 from learners.config import AUTHORS_EVAL_ENVS, AUTHORS_EVAL_SEED, TrainConfig
 from learners.model import make_agent, sample_actions
-from learners.telemetry.metrics import EvaluatorTelemetry
+from learners.telemetry.actor import EvaluatorTelemetry
 
 
 class Evaluator:

@@ -19,10 +19,10 @@ from torch.distributions import Categorical
 from actors.envs import (ProcgenVectorEnv, get_reward_normalizer_state, is_procgen, make_vector_env, obs_spec,
                          set_reward_normalizer_state)
 from actors.evaluator import Evaluator
-from learners.records import Rollout, Weights
+from learners.records import ActorReport, Rollout, Weights
 from learners.config import TrainConfig
 from learners.model import make_agent, sample_actions
-from learners.telemetry.metrics import ActorTelemetry
+from learners.telemetry.actor import ActorTelemetry
 
 
 def env_spec(cfg: TrainConfig) -> tuple[tuple[int, ...], str, int]:
@@ -76,8 +76,16 @@ class RolloutWorker:
             weights.load_into(self.agent)
             self.version = weights.version
 
-    @torch.no_grad()
-    def collect(self, weights: Weights) -> Rollout:
+    @ray.method(num_returns=2)    # (stacked on torch.no_grad(), Ray 2.60 ignores it: the body holds no_grad)
+    def collect(self, weights: Weights) -> tuple[Rollout, ActorReport]:
+        """One rollout for the learner, and this actor's own report for the coordinator (two Ray objects: the
+        frames go to the learner, the report to the driver)."""
+        with torch.no_grad():
+            rollout = self._rollout(weights)
+        self.telemetry.record_rollout(rollout)
+        return rollout, ActorReport(self.learner_id, self.actor_id, os.getpid(), self.get_state())
+
+    def _rollout(self, weights: Weights) -> Rollout:
         self._load(weights)
         cfg, T, N = self.cfg, self.cfg.num_steps, self.cfg.envs_per_actor
         obs_buf = np.empty((T, N, *self.obs.shape[1:]), dtype=self.obs.dtype)
@@ -108,11 +116,9 @@ class RolloutWorker:
                 ep_lengths.extend(np.asarray(info["episode"]["l"])[done_mask].tolist())
         next_value = self.agent(torch.from_numpy(self.obs))[1].numpy()
         self.env_steps += T * N
-        rollout = Rollout(self.learner_id, self.actor_id, self.version, obs_buf, actions, logprobs, values, rewards,
-                          dones, next_value, np.asarray(ep_returns, np.float32), np.asarray(ep_lengths, np.int64),
-                          time.perf_counter() - t0, infer, os.getpid(), self.get_state())
-        self.telemetry.record_rollout(rollout)
-        return rollout
+        return Rollout(self.learner_id, self.actor_id, self.version, obs_buf, actions, logprobs, values, rewards,
+                       dones, next_value, np.asarray(ep_returns, np.float32), np.asarray(ep_lengths, np.int64),
+                       time.perf_counter() - t0, infer)
 
     def get_state(self) -> dict:
         """What a checkpoint needs to continue this actor: reward-normaliser statistics."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -9,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from learners.records import Rollout, Weights
+from learners.records import Rollout, UpdateStats, Weights
 from learners.checkpoint import tensors_from_bytes, tensors_to_bytes
 from learners.config import TrainConfig
 from learners.peer.client import PeerClient
@@ -17,7 +18,8 @@ from learners.peer.security import ChannelSecurity
 from learners.peer.service import serve
 from learners.learner import Learner, NonFiniteError
 from learners.schedule import IterationPlan
-from learners.telemetry.metrics import LearnerTelemetry, advertised_host
+from learners.telemetry.learner import LearnerTelemetry
+from learners.telemetry.metrics import advertised_host
 
 
 def resolve_device(requested: str) -> str:
@@ -59,22 +61,20 @@ class LearnerWorker:
     def weights(self) -> Weights:
         return self.learner.weights()
 
-    def update(self, plan: IterationPlan, *rollouts: Rollout) -> dict:
+    def update(self, plan: IterationPlan, *rollouts: Rollout) -> UpdateStats:
         started, step_before = time.perf_counter(), self.learner.step
         try:
             stats = self.learner.update(list(rollouts), plan)
         except NonFiniteError:
             self.telemetry.record_nonfinite()
             raise
-        stats["env_steps"] = sum(r.env_steps for r in rollouts)
-        stats["episode_returns"] = np.concatenate([r.episode_returns for r in rollouts]).tolist()
-        stats["episode_lengths"] = np.concatenate([r.episode_lengths for r in rollouts]).tolist()
-        stats["collect_seconds"] = max(r.collect_seconds for r in rollouts)
-        stats["inference_seconds"] = sum(r.inference_seconds for r in rollouts)
-        # optimizer steps between the behaviour policy and the weights this update started from
-        stats["version_lag"] = max(step_before - r.weights_version for r in rollouts)
-        stats["actor_pids"] = [r.actor_pid for r in rollouts]
-        stats["actor_states"] = [r.actor_state for r in rollouts]
+        stats = dataclasses.replace(
+            stats, env_steps=sum(r.env_steps for r in rollouts),
+            episode_returns=np.concatenate([r.episode_returns for r in rollouts]).tolist(),
+            episode_lengths=np.concatenate([r.episode_lengths for r in rollouts]).tolist(),
+            collect_seconds=max(r.collect_seconds for r in rollouts),
+            inference_seconds=sum(r.inference_seconds for r in rollouts),
+            version_lag=max(step_before - r.weights_version for r in rollouts))
         self.telemetry.record_update(stats, rollouts, started, step_before)
         return stats
 

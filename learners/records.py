@@ -1,4 +1,5 @@
-"""Data that crosses process boundaries: rollouts (actor -> learner) and weights (learner -> actor).
+"""Data that crosses process boundaries: rollouts (actor -> learner), weights (learner -> actor), an update's
+statistics (learner -> coordinator) and a rollout actor's own report (actor -> coordinator).
 
 Plain dataclasses of numpy arrays, so Ray ships them through its object store without copies and
 observations stay in their native dtype (uint8 frames for Procgen).
@@ -6,7 +7,7 @@ observations stay in their native dtype (uint8 frames for Procgen).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -45,12 +46,66 @@ class Rollout:
     episode_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     collect_seconds: float = 0.0
     inference_seconds: float = 0.0
-    actor_pid: int = 0                   # a new pid for the same actor means Ray restarted it
-    actor_state: dict = field(default_factory=dict)   # reward-normaliser statistics after this rollout
 
     @property
     def env_steps(self) -> int:
         return int(self.actions.size)
+
+
+@dataclass
+class ActorReport:
+    """What a rollout actor says of itself after a rollout, straight to the coordinator (its second return value):
+    a new pid for the same actor means Ray restarted it, and `state` is what a checkpoint keeps to continue it."""
+    learner_id: int
+    actor_id: int
+    pid: int
+    state: dict        # RolloutWorker.get_state(): reward-normaliser statistics, env steps; opaque to the coordinator
+
+
+def series():
+    """A per-sample list of an UpdateStats: summarised by the coordinator, not written to metrics.jsonl as is."""
+    return field(default_factory=list, metadata={"series": True})
+
+
+@dataclass
+class UpdateStats:
+    """One learner's account of one update, learner -> coordinator. The scalars are the learner's entry in
+    metrics.jsonl; the series are per-sample lists the coordinator summarises."""
+    learner_id: int
+    step: int                      # optimizer steps after the update: the weights version
+    iteration: int                 # iterations completed
+    samples: int                   # batch size x epochs
+    # loss terms and PPO diagnostics, means over the update's minibatches
+    loss: float
+    policy_loss: float
+    value_loss: float
+    entropy: float
+    kl_peer: float
+    approx_kl: float
+    clipfrac: float
+    grad_norm: float
+    explained_variance: float
+    learning_rate: float
+    update_seconds: float
+    # distillation traffic (learners/peer/exchange.py: SyncStats)
+    syncs: int = 0
+    sync_seconds: float = 0.0
+    sync_first_step_seconds: float = 0.0
+    sync_bytes_sent: int = 0
+    sync_bytes_received: int = 0
+    staleness_mean: float = 0.0
+    staleness_max: int = 0
+    sync_latencies: list[float] = series()
+    # the rollouts trained on (filled in by the learner process)
+    env_steps: int = 0
+    collect_seconds: float = 0.0
+    inference_seconds: float = 0.0
+    version_lag: int = 0           # optimizer steps between the behaviour policy and the weights the update started from
+    episode_returns: list[float] = series()
+    episode_lengths: list[int] = series()
+
+    def scalars(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("series")}
 
 
 @dataclass

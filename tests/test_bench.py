@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from learners.bench.measure import SIZES, _bounds, bench_config, steady_rate
-from learners.bench.stages import sync_schedules
+from learners.bench.learner_stage import sync_schedules
 from learners.bench.table import format_table
 from learners.bench.memory import MemorySampler, process_kind
 

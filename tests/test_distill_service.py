@@ -90,6 +90,23 @@ def test_gradient_without_kept_logits_is_rejected(image_pair):
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_gradient_of_the_wrong_shape_is_a_protocol_error_and_invalid_argument(image_pair):
+    """A peer that returns a gradient for more rows than it was sent broke the contract: ProtocolError locally,
+    INVALID_ARGUMENT on the wire (never divergence, never 'peer gone')."""
+    from learners.peer.sync import ProtocolError
+
+    client, server = image_pair.learners[0].peers[0], image_pair.learners[1]
+    obs = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    sync = SyncPoint(0, 0, 0, 0)
+    client.fetch_logits(sync, obs, keep_graph=True)              # the server keeps 4 rows' logits for me
+    with pytest.raises(ProtocolError, match="shape"):
+        server.apply_peer_grad(sync, np.zeros((5, 15), np.float32))
+    with pytest.raises(grpc.RpcError) as err:
+        client.send_grad(sync, np.zeros((5, 15), np.float32))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    client.send_grad(sync, np.zeros((4, 15), np.float32))       # the right shape is still taken
+
+
 @pytest.mark.parametrize("sync,expected_syncs,expected_staleness", [
     ("minibatch", 4, 0), ("epoch", 2, 1), ("iteration", 1, 3), ("2", 2, 1)])
 def test_detached_schedules_sync_counts_and_staleness(sync, expected_syncs, expected_staleness):
@@ -100,9 +117,9 @@ def test_detached_schedules_sync_counts_and_staleness(sync, expected_syncs, expe
     try:
         stats = pair.update_all([synthetic_rollout(i, (4,), "float32", 2, 8, 4, i) for i in range(2)], plan)
         for s in stats:
-            assert s["syncs"] == expected_syncs
-            assert s["staleness_max"] == expected_staleness
-            assert s["kl_peer"] > 0 and s["sync_bytes_sent"] > 0
+            assert s.syncs == expected_syncs
+            assert s.staleness_max == expected_staleness
+            assert s.kl_peer > 0 and s.sync_bytes_sent > 0
     finally:
         pair.close()
 
@@ -114,9 +131,9 @@ def test_three_learners_each_distill_toward_every_peer():
     pair = LearnerPair(cfg, (4,), "float32", 2)
     try:
         stats = pair.update_all([synthetic_rollout(i, (4,), "float32", 2, 8, 4, i) for i in range(3)], plan)
-        assert [s["syncs"] for s in stats] == [2, 2, 2]
+        assert [s.syncs for s in stats] == [2, 2, 2]
         assert all(len(l.peers) == 2 for l in pair.learners)
-        assert all(s["step"] == 2 for s in stats)
+        assert all(s.step == 2 for s in stats)
     finally:
         pair.close()
 
@@ -127,6 +144,6 @@ def test_alpha_zero_sends_nothing():
     pair = LearnerPair(cfg, (4,), "float32", 2)
     try:
         stats = pair.update_all([synthetic_rollout(i, (4,), "float32", 2, 8, 4, i) for i in range(2)], plan)
-        assert all(s["syncs"] == 0 and s["sync_bytes_sent"] == 0 and s["kl_peer"] == 0 for s in stats)
+        assert all(s.syncs == 0 and s.sync_bytes_sent == 0 and s.kl_peer == 0 for s in stats)
     finally:
         pair.close()

@@ -64,7 +64,7 @@ def test_exact_mode_matches_joint_single_process_update(obs_shape, obs_dtype, nu
             assert any(not torch.equal(p.detach(), init[name]) for name, p in learner.agent.named_parameters()), \
                 "the update did not change the parameters"
             assert learner.step == 4
-        assert all(s["syncs"] == 4 and s["kl_peer"] > 0 for s in stats)
+        assert all(s.syncs == 4 and s.kl_peer > 0 for s in stats)
     finally:
         pair.close()
 

@@ -191,7 +191,7 @@ def test_paper_preset_exact_update_equals_the_authors_joint_update():
         for learner, ref in zip(pair.learners, authors):
             assert_same_parameters(learner.agent, ref)
             assert learner.step == cfg.update_epochs * cfg.num_minibatches
-        assert all(s["syncs"] == cfg.update_epochs * cfg.num_minibatches and s["kl_peer"] > 0 for s in stats)
+        assert all(s.syncs == cfg.update_epochs * cfg.num_minibatches and s.kl_peer > 0 for s in stats)
     finally:
         pair.close()
 
@@ -205,7 +205,7 @@ def test_alpha_zero_update_equals_the_authors_ppo_baseline():
         assert learner.loss_scale == 1.0
         reference, halved = authors_agent_like(learner), authors_agent_like(learner)
         stats = learner.update([rollout], plan)
-        assert stats["grad_norm"] > cfg.max_grad_norm and stats["syncs"] == 0
+        assert stats.grad_norm > cfg.max_grad_norm and stats.syncs == 0
         authors_ppo_update(reference, rollout, cfg, plan)
         assert_same_parameters(learner.agent, reference)
         # The test can fail: the old scaling (loss halved before the clip) ends elsewhere. (Adam is blind to a

@@ -124,3 +124,28 @@ def test_a_peer_that_breaks_the_protocol_is_a_protocol_error_not_divergence():
               None, None, False)
     with pytest.raises(ProtocolError, match="returned 2 rows of logits, expected 4"):
         fetch.join(1)
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 350, 60
+
+
+def oversized(paths: dict[str, Path]) -> list[str]:
+    """Modules over MAX_FILE_LINES lines and functions over MAX_FUNCTION_LINES (a role or an idea too big to read
+    at once: split it)."""
+    found = []
+    for name, path in sorted(paths.items()):
+        source = path.read_text()
+        if (n := len(source.splitlines())) > MAX_FILE_LINES:
+            found.append(f"{name}: {n} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
+                    found.append(f"{name}.{node.name}: {n} lines")
+    return found
+
+
+def test_no_module_or_function_too_long_to_read_at_once(tmp_path):
+    long_function = tmp_path / "long.py"
+    long_function.write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    assert oversized({"long": long_function}) == [f"long.f: {MAX_FUNCTION_LINES + 1} lines"]   # the check can fail
+    assert oversized(project_modules()) == []

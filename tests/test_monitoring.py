@@ -30,7 +30,9 @@ from learners.peer.service import serve
 from learners.learner import Learner
 from learners.peer.sync import SyncPoint
 from learners.telemetry.coordinator import CoordinatorTelemetry
-from learners.telemetry.metrics import ActorTelemetry, EvaluatorTelemetry, LearnerTelemetry, metrics_port, ports_needed
+from learners.telemetry.actor import ActorTelemetry, EvaluatorTelemetry
+from learners.telemetry.learner import LearnerTelemetry
+from learners.telemetry.metrics import metrics_port, ports_needed
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"

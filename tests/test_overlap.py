@@ -68,9 +68,9 @@ def test_streamed_syncs_and_microbatches_equal_the_single_process_update(sync, m
         for learner, ref in zip(pair.learners, reference):
             assert_same_parameters(learner.agent, ref)
         for s in stats:
-            assert s["syncs"] == plan.sync_points() and s["sync_bytes_received"] > 0
-            assert 0 <= s["sync_seconds"] <= s["update_seconds"]
-            assert len(s["sync_latencies"]) == s["syncs"] and all(x > 0 for x in s["sync_latencies"])
+            assert s.syncs == plan.sync_points() and s.sync_bytes_received > 0
+            assert 0 <= s.sync_seconds <= s.update_seconds
+            assert len(s.sync_latencies) == s.syncs and all(x > 0 for x in s.sync_latencies)
     finally:
         pair.close()
 
@@ -91,8 +91,8 @@ def test_a_learner_ahead_steps_on_and_its_peer_reads_the_kept_weights():
         for learner, ref in zip(pair.learners, reference):
             assert_same_parameters(learner.agent, ref)
         ahead, late = pair.learners
-        assert ahead.snapshot_reads >= 1        # step 0's weights, read after learner 0 had stepped past them
-        assert ahead._snapshots == {} and late._snapshots == {}     # every kept copy was read and let go
+        assert ahead.peer_state.snapshot_reads >= 1    # step 0's weights, read after learner 0 had stepped past them
+        assert ahead.peer_state.kept_snapshots == [] and late.peer_state.kept_snapshots == []   # all read, let go
     finally:
         pair.close()
 
@@ -212,7 +212,6 @@ def test_policy_lag_reaches_the_exact_step_total_across_a_stop_with_a_rollout_in
 
 def test_loading_a_checkpoint_drops_the_weights_kept_for_peers():
     """After a restore, a peer asking for step s gets the restored weights, never a copy kept before the restore."""
-    from learners.learner import SyncStats
     from learners.peer.sync import SyncPoint
     from learners.learner_worker import LearnerWorker
 
@@ -224,7 +223,7 @@ def test_loading_a_checkpoint_drops_the_weights_kept_for_peers():
         for w in workers:
             w.connect(addresses)
         learner = workers[0].learner
-        learner._keep_snapshot(0, SyncStats())              # step 0's weights, not yet read by the peer
+        learner.peer_state.keep_snapshot(0, learner.agent)   # step 0's weights, not yet read by the peer
         with torch.no_grad():
             for p in learner.agent.parameters():
                 p.add_(0.5)

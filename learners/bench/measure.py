@@ -19,7 +19,7 @@ Figures (all env-step rates count every agent's steps, like summary.json's env_s
   over the states the peer sends per iteration), all learners running at once as in training; the median over
   rounds that measure all three back to back (the best of each, from different moments, is also given);
 - exact cost ratio = exact-mode update time / detached-mode update time at sync minibatch, the same learners and
-  batch, the median over the same rounds (target EXACT_TARGET_RATIO in learners/bench/stages.py: exact mode's extra compute and little more).
+  batch, the median over the same rounds (target EXACT_TARGET_RATIO in learners/bench/learner_stage.py: exact mode's extra compute and little more).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ import ray
 import torch
 
 from learners.bench.memory import MemorySampler, cpu_seconds_by_kind, own_peak_rss_bytes
-from learners.bench.stages import BenchSize, measure_actor_stages, measure_learners
+from learners.bench.learner_stage import measure_learners
+from learners.bench.stages import BenchSize, measure_actor_stages
 from learners.config import TrainConfig, preset
 from learners.coordinator.cluster import init_local_ray, run_cpus
 from learners.coordinator.loop import Coordinator
@@ -123,6 +124,48 @@ def _bounds(cfg: TrainConfig, stages: dict, cores: int) -> dict:
             "shared_core_bound": 1.0 / (1.0 / bounds["actors"] + 1.0 / bounds["learners"])}
 
 
+def _end_to_end(cfg: TrainConfig, iterations: int, tmp: Path, memory: MemorySampler, bounds: dict, say) -> dict:
+    """Whole runs of the config, policy lag off and on, with their efficiency against the stage bounds."""
+    e2e = {}
+    for lag in (False, True):
+        name = f"policy_lag_{'on' if lag else 'off'}"
+        say(f"end to end: {iterations} iterations, {name}")
+        with memory.phase(name):
+            e2e[name] = measure_end_to_end(dataclasses.replace(cfg, policy_lag=lag), iterations, tmp / name, memory)
+        e2e[name]["memory_total_pss_peak_bytes"] = memory.summary(name)["total_pss_peak_bytes"]
+        e2e[name]["efficiency"] = e2e[name]["env_steps_per_second"] / bounds["bound"]
+        e2e[name]["efficiency_vs_shared_cores"] = e2e[name]["env_steps_per_second"] / bounds["shared_core_bound"]
+    return e2e
+
+
+def _scaling(cfg: TrainConfig, spec, max_actors: int, tmp: Path, memory: MemorySampler, say) -> list[dict]:
+    """Whole runs with 1..max_actors actors per learner (those that divide the envs; the config's own is known)."""
+    out = []
+    for k in range(1, max_actors + 1):
+        if k == cfg.num_actors or cfg.num_envs % k:
+            continue
+        say(f"actor scaling: {k} actors per learner")
+        with memory.phase(f"scaling_{k}"):
+            run = measure_end_to_end(dataclasses.replace(cfg, num_actors=k), spec.scaling_iterations,
+                                     tmp / f"scaling-{k}", memory)
+        out.append({"actors_per_learner": k, "env_steps_per_second": run["env_steps_per_second"]})
+    return out
+
+
+def _memory(cfg: TrainConfig, spec, memory: MemorySampler, stages: dict, e2e: dict) -> dict:
+    training = memory.summary("policy_lag_off", "policy_lag_on")
+    stage_memory = memory.summary("actor", "actor_evaluating", "stages")
+    # The end-to-end runs do not evaluate; in a run of the preset the first actor of each learner also
+    # evaluates it, which adds what the stage measured to that actor's peak (never less than nothing).
+    evaluators = cfg.num_learners if preset(spec.preset).eval_every else 0
+    added = max(0, stages["evaluator"]["added_pss_bytes"])
+    # A run of the preset as configured: policy lag off (the default), plus its evaluation.
+    default_run = e2e["policy_lag_off"]["memory_total_pss_peak_bytes"]
+    return {"training": training, "stages": stage_memory, "evaluators": evaluators,
+            "evaluation_added_bytes": evaluators * added, "run_total_bytes": default_run + evaluators * added,
+            "bench_process_peak_rss_bytes": own_peak_rss_bytes(), "sampler_cpu_seconds": memory.cpu_seconds}
+
+
 def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | None = None,
               max_actors: int | None = None, scaling: bool = True, work_dir: str | None = None,
               log=print) -> dict:
@@ -159,42 +202,13 @@ def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | 
             out.update(stages=stages, sync=learner["sync"], detached_cost=learner["detached_cost"],
                        exact_cost=learner["exact_cost"])
             out["bounds"] = _bounds(cfg, stages, cores)
-            e2e = {}
-            for lag in (False, True):
-                name = f"policy_lag_{'on' if lag else 'off'}"
-                say(f"end to end: {iterations} iterations, {name}")
-                with memory.phase(name):
-                    e2e[name] = measure_end_to_end(dataclasses.replace(cfg, policy_lag=lag), iterations,
-                                                   Path(tmp) / name, memory)
-                e2e[name]["memory_total_pss_peak_bytes"] = memory.summary(name)["total_pss_peak_bytes"]
-                e2e[name]["efficiency"] = e2e[name]["env_steps_per_second"] / out["bounds"]["bound"]
-                e2e[name]["efficiency_vs_shared_cores"] = (e2e[name]["env_steps_per_second"]
-                                                           / out["bounds"]["shared_core_bound"])
-            out["end_to_end"] = e2e
+            out["end_to_end"] = e2e = _end_to_end(cfg, iterations, Path(tmp), memory, out["bounds"], say)
             out["scaling"] = [{"actors_per_learner": cfg.num_actors,
                                "env_steps_per_second": e2e["policy_lag_off"]["env_steps_per_second"]}]
-            for k in range(1, max_actors + 1) if scaling else ():
-                if k == cfg.num_actors or cfg.num_envs % k:
-                    continue
-                say(f"actor scaling: {k} actors per learner")
-                with memory.phase(f"scaling_{k}"):
-                    run = measure_end_to_end(dataclasses.replace(cfg, num_actors=k), spec.scaling_iterations,
-                                             Path(tmp) / f"scaling-{k}", memory)
-                out["scaling"].append({"actors_per_learner": k, "env_steps_per_second": run["env_steps_per_second"]})
+            if scaling:
+                out["scaling"] += _scaling(cfg, spec, max_actors, Path(tmp), memory, say)
             out["scaling"].sort(key=lambda r: r["actors_per_learner"])
-            training = memory.summary("policy_lag_off", "policy_lag_on")
-            stage_memory = memory.summary("actor", "actor_evaluating", "stages")
-            # The end-to-end runs do not evaluate; in a run of the preset the first actor of each learner also
-            # evaluates it, which adds what the stage measured to that actor's peak (never less than nothing).
-            evaluators = cfg.num_learners if preset(spec.preset).eval_every else 0
-            added = max(0, stages["evaluator"]["added_pss_bytes"])
-            # A run of the preset as configured: policy lag off (the default), plus its evaluation.
-            default_run = e2e["policy_lag_off"]["memory_total_pss_peak_bytes"]
-            out["memory"] = {"training": training, "stages": stage_memory, "evaluators": evaluators,
-                             "evaluation_added_bytes": evaluators * added,
-                             "run_total_bytes": default_run + evaluators * added,
-                             "bench_process_peak_rss_bytes": own_peak_rss_bytes(),
-                             "sampler_cpu_seconds": memory.cpu_seconds}
+            out["memory"] = _memory(cfg, spec, memory, stages, e2e)
     finally:
         if owns_ray:
             ray.shutdown()

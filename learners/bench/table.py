@@ -13,19 +13,31 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+class Table:
+    """Rows of a measurement, its value and unit, aligned."""
+
+    def __init__(self, header: list[str]):
+        self.lines = header + [f"{'measurement':52s} {'value':>14s}  unit", "-" * 80]
+
+    def row(self, name: str, value: float, unit: str, fmt: str = "{:,.0f}") -> None:
+        self.lines.append(f"{name:52s} {fmt.format(value):>14s}  {unit}")
+
+
 def format_table(r: dict) -> str:
-    c, s, b, m = r["config"], r["stages"], r["bounds"], r["machine"]
-    lines = [f"mdpo bench --size {r['size']}: {r['env_id']}, {c['num_learners']} learners x {c['num_actors']} actor x "
+    c, m = r["config"], r["machine"]
+    t = Table([f"mdpo bench --size {r['size']}: {r['env_id']}, {c['num_learners']} learners x {c['num_actors']} actor x "
              f"{c['num_envs']} envs x {c['num_steps']} steps, {c['num_minibatches']} minibatches x "
              f"{c['update_epochs']} epochs, sync {c['sync']}, {c['distill_mode']}",
              f"machine: {m['cores']} cores, load average {m['load_average_before'][0]:.2f} before / "
              f"{m['load_average_after'][0]:.2f} after; torch {m['torch']}, ray {m['ray']}; "
-             f"{r['wall_seconds']:.0f} s", "",
-             f"{'measurement':52s} {'value':>14s}  unit", "-" * 80]
+             f"{r['wall_seconds']:.0f} s", ""])
+    for section in (_stage_rows, _end_to_end_rows, _sync_rows, _cost_rows, _memory_rows):
+        section(t.row, r)
+    return "\n".join(t.lines)
 
-    def row(name, value, unit, fmt="{:,.0f}"):
-        lines.append(f"{name:52s} {fmt.format(value):>14s}  {unit}")
 
+def _stage_rows(row, r: dict) -> None:
+    c, s, b, m = r["config"], r["stages"], r["bounds"], r["machine"]
     row("env bound: 1 actor's vector env, random actions", s["env"]["env_steps_per_second"], "env steps/s")
     row("actor bound: 1 rollout actor incl. CPU inference", s["actor"]["env_steps_per_second"], "env steps/s")
     row("  share of the actor's time in inference", s["actor"]["inference_fraction"], "", "{:.2f}")
@@ -36,6 +48,10 @@ def format_table(r: dict) -> str:
     row(f"  bound of the learners ({c['num_learners']} x rate / {c['update_epochs']} epochs)", b["learners"],
         "env steps/s")
     row("  stages sharing the cores (1 / sum of 1/bound)", b["shared_core_bound"], "env steps/s")
+
+
+def _end_to_end_rows(row, r: dict) -> None:
+    b = r["bounds"]
     for name, e in r["end_to_end"].items():
         row(f"end to end, {name.replace('_', ' ')}", e["env_steps_per_second"], "env steps/s")
         row(f"  pipeline efficiency (vs {b['slowest_stage']} bound)", e["efficiency"], "", "{:.2f}")
@@ -47,11 +63,17 @@ def format_table(r: dict) -> str:
         row("  CPU seconds per 1000 env steps (all processes)", sum(cpu.values()), "s: " + ", ".join(
             f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])), "{:.1f}")
         row("  CPU utilization of the machine's cores", e["cpu_utilization"], "", "{:.2f}")
+
+
+def _sync_rows(row, r: dict) -> None:
     for sync, x in r["sync"].items():
         row(f"sync {sync}: latency p50 / p99", x["latency_p50_seconds"] * 1e3, f"ms / {x['latency_p99_seconds'] * 1e3:,.0f} ms")
         row(f"  bytes per sync, {x['syncs_per_iteration']:.0f} syncs per iteration", x["bytes_per_sync"] / 2**20, "MiB", "{:,.2f}")
         row("  fraction of learner time blocked in syncs", x["sync_fraction"], f"(exchanges overlap "
             f"{x['exchange_fraction']:.2f} of it)", "{:.3f}")
+
+
+def _cost_rows(row, r: dict) -> None:
     d = r["detached_cost"]
     if "rounds" in d:
         each = ", ".join(f"{x['ratio']:.2f}" for x in d["rounds"])
@@ -71,6 +93,9 @@ def format_table(r: dict) -> str:
             f"{e['detached_seconds']:.2f} s); exact blocked in syncs {e['sync_fraction']:.2f} of its time", "{:.2f}")
     for x in r["scaling"]:
         row(f"actor scaling: {x['actors_per_learner']} actor(s) per learner", x["env_steps_per_second"], "env steps/s")
+
+
+def _memory_rows(row, r: dict) -> None:
     mem = r["memory"]["training"]
     for kind, x in mem["kinds"].items():
         row(f"peak memory: one {kind} process", x["peak_rss_bytes"] / 2**20, f"MiB RSS, {_mb(x['peak_pss_bytes'])} PSS")
@@ -86,7 +111,6 @@ def format_table(r: dict) -> str:
     else:   # results saved when evaluators were processes of their own
         row(f"  a run of the preset (lag off + {r['memory']['evaluators']} evaluators)",
             r["memory"]["run_total_bytes"] / 2**20, "MiB")
-    return "\n".join(lines)
 
 
 def main(args) -> int:

@@ -4,7 +4,6 @@ evaluates without blocking, checkpoints, and writes the run directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -12,7 +11,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-import grpc
 import numpy as np
 import ray
 
@@ -20,52 +18,18 @@ from actors.rollout import env_spec, remote_rollout_worker
 from learners.checkpoint import latest_checkpoint, save_checkpoint
 from learners.config import TrainConfig
 from learners.coordinator.cluster import connect_ray, rollout_placement
+from learners.coordinator.evaluations import Evaluations
+from learners.coordinator.failures import RunStopped, TrainingDiverged, is_process_failure, wait_all
+from learners.coordinator.outputs import MetricsLog, generalization_gap, learner_summary, summarize, write_summary
 from learners.learner import NonFiniteError
-from learners.peer.sync import SyncError
 from learners.learner_worker import LearnerWorker
 from learners.coordinator.plots import plot_returns
+from learners.records import ActorReport, UpdateStats
 from learners.schedule import IterationPlan
 from learners.telemetry.coordinator import CoordinatorTelemetry, RunProgress
 from learners.telemetry.metrics import with_run_id
 
 log = logging.getLogger("mdpo")
-
-
-class RunStopped(Exception):
-    """SIGINT/SIGTERM arrived; a final checkpoint was written."""
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss or logits went non-finite; the run stops and keeps its last good checkpoint."""
-
-
-def is_process_failure(err: Exception) -> bool:
-    """A dead or unreachable actor (directly, or seen by its peer as a failed sync), as opposed to a bug."""
-    if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
-                        ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
-        return True
-    cause = getattr(err, "cause", None)
-    return isinstance(cause, (SyncError, grpc.RpcError, ray.exceptions.RayActorError))
-
-
-def wait_all(refs: list) -> list:
-    """ray.get that fails as soon as any task fails (a dead learner must not leave us waiting on its peer)."""
-    pending, done = list(refs), {}
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        done[ready[0]] = ray.get(ready[0])
-    return [done[r] for r in refs]
-
-
-def summarize(values: list[float]) -> dict:
-    if not values:
-        return {"p50": 0.0, "p99": 0.0, "mean": 0.0}
-    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)), "mean": float(np.mean(values))}
-
-
-def generalization_gap(train: float | None, test: float | None) -> float | None:
-    """Train minus test return (levels seen in training vs unseen ones); None until both are known."""
-    return None if train is None or test is None else train - test
 
 
 def actor_seed(cfg: TrainConfig, learner: int, actor: int, iteration: int) -> int:
@@ -81,14 +45,13 @@ class Coordinator:
         self.cfg = with_run_id(cfg, self.run_dir)      # the run_id label of every Prometheus metric of the run
         self.telemetry = CoordinatorTelemetry(self.cfg, self.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.learners: list = []
         self.actors: list[list] = []
         self.iteration = 0
         self.env_steps = [0] * cfg.num_learners
         self.returns = [deque(maxlen=cfg.return_window) for _ in range(cfg.num_learners)]
-        self.last_eval: list[dict | None] = [None] * cfg.num_learners
-        self.evals_in_flight: dict = {}
+        self.evals = Evaluations(cfg.num_learners)
         self.sync_totals = {"syncs": 0, "seconds": 0.0, "bytes_sent": 0, "bytes_received": 0}
         self.wall_offset = 0.0
         self.stop_signal: int | None = None
@@ -128,8 +91,7 @@ class Coordinator:
         if self.resume:
             self._restore()
         else:
-            if self.metrics_path.exists():
-                self.metrics_path.unlink()
+            self.metrics.path.unlink(missing_ok=True)
             self.checkpoint(0.0)    # iteration 0: every failure has a checkpoint to roll back to
         self.telemetry.attach(self.progress())   # serve /metrics, write the Prometheus targets files
 
@@ -196,8 +158,7 @@ class Coordinator:
                     continue
                 record["wall_seconds"] = time.perf_counter() - t_start
                 record["env_steps_per_second"] = sum(self.env_steps) / record["wall_seconds"]
-                with self.metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                self.metrics.append(record)
                 self.telemetry.on_iteration(self.progress(), record)
                 if progress:
                     progress(record)
@@ -206,7 +167,7 @@ class Coordinator:
             if self.stop_signal is not None:
                 self.checkpoint(time.perf_counter() - t_start)
             else:
-                self._final_eval()
+                self.evals.final(self.evaluators, self.learners)
             summary = self.write_outputs(time.perf_counter() - t_start)
         finally:
             for sig, handler in previous.items():
@@ -238,42 +199,43 @@ class Coordinator:
         plan = IterationPlan.for_iteration(cfg, it)
         weights = [l.weights.remote() for l in self.learners]
         # With the policy lag this iteration's rollouts were launched during the previous update.
-        rollouts = self.next_rollouts or [[a.collect.remote(weights[i]) for a in self.actors[i]]
-                                          for i in range(cfg.num_learners)]
+        rollouts, reports = self.next_rollouts or self._collect(weights)
         self.next_rollouts = None
         if cfg.policy_lag and it + 1 < cfg.num_iterations and self.stop_signal is None:
             # The next iteration's rollouts, collected with these pre-update weights while the learners update (the
             # learners take calls concurrently, so the weights must be taken before the update is sent).
             ray.wait(weights, num_returns=len(weights), fetch_local=False)
-            self.next_rollouts = [[a.collect.remote(weights[i]) for a in self.actors[i]]
-                                  for i in range(cfg.num_learners)]
-        stats = wait_all([l.update.remote(plan, *rollouts[i]) for i, l in enumerate(self.learners)])
+            self.next_rollouts = self._collect(weights)
+        stats: list[UpdateStats] = wait_all([l.update.remote(plan, *rollouts[i]) for i, l in enumerate(self.learners)])
         self.iteration = it + 1
-        self._track_actor_restarts(stats)
+        self._track_actor_restarts(ray.get([r for group in reports for r in group]))
         for i, s in enumerate(stats):
-            self.env_steps[i] += s["env_steps"]
-            self.returns[i].extend(s["episode_returns"])
-            self.sync_totals["syncs"] += s["syncs"]
-            self.sync_totals["seconds"] += s["sync_seconds"]
-            self.sync_totals["bytes_sent"] += s["sync_bytes_sent"]
-            self.sync_totals["bytes_received"] += s["sync_bytes_received"]
-        self._poll_evals()
+            self.env_steps[i] += s.env_steps
+            self.returns[i].extend(s.episode_returns)
+            self.sync_totals["syncs"] += s.syncs
+            self.sync_totals["seconds"] += s.sync_seconds
+            self.sync_totals["bytes_sent"] += s.sync_bytes_sent
+            self.sync_totals["bytes_received"] += s.sync_bytes_received
+        self.evals.poll()
         if cfg.eval_every and self.iteration % cfg.eval_every == 0:
-            self._launch_evals()
+            self.evals.launch(self.evaluators, self.learners)
         return self._record(stats)
 
-    def _record(self, stats: list[dict]) -> dict:
+    def _collect(self, weights: list) -> tuple[list[list], list[list]]:
+        """Every actor's next rollout (for its learner) and its own report (for me), as Ray references."""
+        refs = [[a.collect.remote(weights[i]) for a in self.actors[i]] for i in range(self.cfg.num_learners)]
+        return [[r for r, _ in group] for group in refs], [[rep for _, rep in group] for group in refs]
+
+    def _record(self, stats: list[UpdateStats]) -> dict:
         learners = []
         for i, s in enumerate(stats):
             train = float(np.mean(self.returns[i])) if self.returns[i] else None
-            test = self.last_eval[i]["test_return"] if self.last_eval[i] else None
-            entry = {k: v for k, v in s.items()
-                     if k not in ("episode_returns", "episode_lengths", "sync_latencies", "actor_pids", "actor_states")}
-            entry.update(id=i, actor_restarts=self.actor_restarts[i], train_return=train, episodes=len(s["episode_returns"]), test_return=test,
-                         test_weights_version=self.last_eval[i]["weights_version"] if self.last_eval[i] else None,
-                         generalization_gap=generalization_gap(train, test),
-                         sync_latency=summarize(s["sync_latencies"]))
-            learners.append(entry)
+            test = self.evals.last[i]["test_return"] if self.evals.last[i] else None
+            learners.append({
+                **s.scalars(), "id": i, "actor_restarts": self.actor_restarts[i], "train_return": train,
+                "episodes": len(s.episode_returns), "test_return": test,
+                "test_weights_version": self.evals.last[i]["weights_version"] if self.evals.last[i] else None,
+                "generalization_gap": generalization_gap(train, test), "sync_latency": summarize(s.sync_latencies)})
         return {"iteration": self.iteration, "env_steps": self.env_steps[0], "env_steps_total": sum(self.env_steps),
                 "learners": learners}
 
@@ -302,50 +264,23 @@ class Coordinator:
                 except ray.exceptions.RayError:
                     log.warning("rollout actor %d/%d is gone: starting a new one", i, a)
                     group[a] = self._new_actor(i, a)
-        self.evals_in_flight.clear()
+        self.evals.in_flight.clear()
         self._restore()
 
-    def _track_actor_restarts(self, stats: list[dict]) -> None:
+    def _track_actor_restarts(self, reports: list[ActorReport]) -> None:
         """Ray restarted an actor (new pid): count it and give it back its reward-normaliser statistics."""
-        for i, s in enumerate(stats):
-            for a, (pid, state) in enumerate(zip(s["actor_pids"], s["actor_states"])):
-                known = self.actor_pids[i][a]
-                if known is not None and pid != known:
-                    self.actor_restarts[i] += 1
-                    log.warning("rollout actor %d/%d was restarted (pid %s -> %s); restarts so far: %d",
-                                i, a, known, pid, sum(self.actor_restarts))
-                    if self.actor_states[i][a]:
-                        self.actors[i][a].set_state.remote(self.actor_states[i][a])
-                else:
-                    self.actor_states[i][a] = state
-                self.actor_pids[i][a] = pid
-
-    # ----------------------------------------------------------- evaluation
-    def _launch_evals(self) -> None:
-        for i, evaluator in enumerate(self.evaluators):
-            if i not in self.evals_in_flight.values():
-                self.evals_in_flight[evaluator.evaluate.remote(self.learners[i].weights.remote())] = i
-
-    def _poll_evals(self, timeout: float = 0) -> None:
-        if not self.evals_in_flight:
-            return
-        ready, _ = ray.wait(list(self.evals_in_flight), num_returns=len(self.evals_in_flight), timeout=timeout)
-        for ref in ready:
-            i = self.evals_in_flight.pop(ref)
-            try:
-                self.last_eval[i] = ray.get(ref)
-            except ray.exceptions.RayError as err:
-                # Best effort: the host actor is restarted by Ray (or replaced by the failure handling), and the
-                # next evaluation goes to it.
-                log.warning("evaluation of learner %d failed (%s); the next one goes on", i, type(err).__name__)
-
-    def _final_eval(self) -> None:
-        """The summary's test return is that of the final weights: wait for one last evaluation."""
-        if not self.evaluators:
-            return
-        self._poll_evals(timeout=600)          # let in-flight evaluations finish first
-        self._launch_evals()
-        self._poll_evals(timeout=600)
+        for r in reports:
+            i, a = r.learner_id, r.actor_id
+            known = self.actor_pids[i][a]
+            if known is not None and r.pid != known:
+                self.actor_restarts[i] += 1
+                log.warning("rollout actor %d/%d was restarted (pid %s -> %s); restarts so far: %d",
+                            i, a, known, r.pid, sum(self.actor_restarts))
+                if self.actor_states[i][a]:
+                    self.actors[i][a].set_state.remote(self.actor_states[i][a])
+            else:
+                self.actor_states[i][a] = r.state
+            self.actor_pids[i][a] = r.pid
 
     # ------------------------------------------------------ checkpointing
     def checkpoint(self, wall_seconds: float) -> Path:
@@ -355,7 +290,7 @@ class Coordinator:
         else:   # policy lag: a rollout is in flight, uncounted; save what the consumed ones left (it is redone on resume)
             actor_states = self.actor_states
         state = {"iteration": self.iteration, "env_steps": self.env_steps, "returns": [list(r) for r in self.returns],
-                 "last_eval": self.last_eval, "sync_totals": self.sync_totals, "wall_seconds": wall_seconds,
+                 "last_eval": self.evals.last, "sync_totals": self.sync_totals, "wall_seconds": wall_seconds,
                  "actors": actor_states, "actor_restarts": self.actor_restarts, "failures": self.failures}
         return save_checkpoint(self.ckpt_dir, self.iteration, learner_states, state, self.cfg.keep_checkpoints)
 
@@ -370,7 +305,7 @@ class Coordinator:
         state = ckpt.state
         self.iteration = state["iteration"]
         self.env_steps = state["env_steps"]
-        self.last_eval = state["last_eval"]
+        self.evals.last = state["last_eval"]
         self.sync_totals = state["sync_totals"]
         self.wall_offset = state["wall_seconds"]
         self.actor_restarts = state.get("actor_restarts", self.actor_restarts)
@@ -379,40 +314,26 @@ class Coordinator:
         self.actor_states = state["actors"]
         ray.get([a.set_state.remote(s) for group, states in zip(self.actors, state["actors"])
                  for a, s in zip(group, states)])
-        # Metrics past the checkpoint would be counted twice: keep only what the checkpoint covers.
-        if self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= self.iteration]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        self.metrics.truncate(self.iteration)
         log.info("resumed from %s at iteration %d (%d env steps per agent)", ckpt.path, self.iteration, self.env_steps[0])
 
     # ------------------------------------------------------------- outputs
     def records(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return self.metrics.records()
 
     def write_outputs(self, wall_seconds: float) -> dict:
         cfg, records = self.cfg, self.records()
         if records:
             plot_returns(records, self.run_dir / "returns.png", title=f"{cfg.env_id}  alpha={cfg.alpha}  {cfg.distill_mode}")
-        summary = {
+        totals = self.sync_totals
+        return write_summary(self.run_dir, {
             "env_id": cfg.env_id, "env_steps": {"total": sum(self.env_steps), "per_agent": self.env_steps},
             "wall_seconds": wall_seconds, "env_steps_per_second": sum(self.env_steps) / max(wall_seconds, 1e-9),
-            "iterations": self.iteration, "syncs": self.sync_totals["syncs"],
-            "sync_seconds_total": self.sync_totals["seconds"], "sync_bytes_sent": self.sync_totals["bytes_sent"],
-            "sync_bytes_received": self.sync_totals["bytes_received"], "distill_mode": cfg.distill_mode,
-            "alpha": cfg.alpha, "sync": cfg.sync, "completed": self.iteration >= cfg.num_iterations,
-            "actor_restarts": sum(self.actor_restarts), "failures_recovered": self.failures,
-            "learners": [
-                {"id": i, "device": self.learner_info[i]["device"] if self.learner_info else "unknown",
-                 "final_train_return": float(np.mean(self.returns[i])) if self.returns[i] else None,
-                 "final_test_return": self.last_eval[i]["test_return"] if self.last_eval[i] else None,
-                 "final_test_weights_version": self.last_eval[i]["weights_version"] if self.last_eval[i] else None}
-                for i in range(cfg.num_learners)],
-        }
-        for entry in summary["learners"]:
-            train, test = entry["final_train_return"], entry["final_test_return"]
-            entry["generalization_gap"] = generalization_gap(train, test)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
+            "iterations": self.iteration, "syncs": totals["syncs"], "sync_seconds_total": totals["seconds"],
+            "sync_bytes_sent": totals["bytes_sent"], "sync_bytes_received": totals["bytes_received"],
+            "distill_mode": cfg.distill_mode, "alpha": cfg.alpha, "sync": cfg.sync,
+            "completed": self.iteration >= cfg.num_iterations, "actor_restarts": sum(self.actor_restarts),
+            "failures_recovered": self.failures,
+            "learners": [learner_summary(i, self.learner_info[i]["device"] if self.learner_info else "unknown",
+                                         self.returns[i], self.evals.last[i]) for i in range(cfg.num_learners)],
+        })

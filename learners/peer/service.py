@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from learners.learner import Learner
 from learners.peer.security import ChannelSecurity, TokenInterceptor
-from learners.peer.sync import SyncError
+from learners.peer.sync import ProtocolError, SyncError
 from learners.peer.wire import MAX_MESSAGE_BYTES, SERVICE_NAME, from_ndarray, sync_from, to_ndarray
 from protos import distill_pb2 as pb
 from protos import distill_pb2_grpc as pb_grpc
@@ -57,7 +57,7 @@ class DistillServicer(pb_grpc.DistillServicer):
             if sync is None:
                 raise ValueError("empty request stream")
             self.learner.apply_peer_grad(sync, np.concatenate(grads))
-        except ValueError as err:
+        except (ValueError, ProtocolError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except SyncError as err:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))

@@ -1,10 +1,11 @@
 """Prometheus metrics of every mdpo process: their definitions, the /metrics endpoints, the targets file.
 
-Each process owns one telemetry object for its role: `CoordinatorTelemetry` (the `mdpo train` driver, learners/telemetry/coordinator.py),
-`LearnerTelemetry` (a LearnerWorker, including the distillation and gRPC metrics), `ActorTelemetry`
-(a RolloutWorker) and `EvaluatorTelemetry` (an Evaluator, hosted by the first RolloutWorker of its learner). Each has its own `CollectorRegistry`, so
-several runs in one process never collide, and serves it with prometheus_client's HTTP server. We use
-prometheus_client rather than Ray's metrics export: Ray's export needs its dashboard/metrics agent
+Each process owns one telemetry object for its role, a `Telemetry` subclass: `CoordinatorTelemetry` (the `mdpo
+train` driver, learners/telemetry/coordinator.py), `LearnerTelemetry` (a LearnerWorker, including the distillation
+and gRPC metrics, learners/telemetry/learner.py), `ActorTelemetry` (a RolloutWorker) and `EvaluatorTelemetry` (an
+Evaluator, hosted by the first RolloutWorker of its learner), both in learners/telemetry/actor.py. Each has its own
+`CollectorRegistry`, so several runs in one process never collide, and serves it with prometheus_client's HTTP
+server. We use prometheus_client rather than Ray's metrics export: Ray's export needs its dashboard/metrics agent
 (the embedded local Ray runs without it), and one endpoint per process keeps the labels exact.
 
 Every metric is named `mdpo_<role>_...` (distillation: `mdpo_distill_...`, gRPC: `mdpo_grpc_...`), in
@@ -26,16 +27,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import socket
-import time
 import warnings
 from pathlib import Path
 from typing import Iterable
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, Summary,
-                               disable_created_metrics, start_http_server)
+from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics, start_http_server
 
 from learners.files import atomic_write
 from learners.config import TrainConfig
@@ -191,177 +189,6 @@ class Telemetry:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-
-# ---------------------------------------------------------------------------------- rollouts
-class ActorTelemetry(Telemetry):
-    """A RolloutWorker: env throughput, training-level episodes, inference time, weights, restarts."""
-
-    role = "actor"
-
-    def __init__(self, cfg: TrainConfig, learner_id: int, actor_id: int):
-        super().__init__(cfg, learner_id, actor_id)
-        c = self._child
-        self.env_steps = c(self._metric(Counter, "actor_env_steps_total", "Environment steps taken (all of this actor's envs)."))
-        self.steps_per_second = c(self._metric(Gauge, "actor_env_steps_per_second", "Environment steps per second of the last rollout."))
-        self.episodes = c(self._metric(Counter, "actor_episodes_total", "Training-level episodes finished."))
-        self.episode_return = c(self._metric(Summary, "actor_episode_return", "Raw return of finished training-level episodes."))
-        self.episode_length = c(self._metric(Histogram, "actor_episode_length_steps", "Length of finished training-level episodes.",
-                                             buckets=LENGTH_BUCKETS))
-        self.rollout_seconds = c(self._metric(Histogram, "actor_rollout_seconds", "Wall time of one rollout (num_steps steps of every env).",
-                                              buckets=DURATION_BUCKETS))
-        self.inference_seconds = c(self._metric(Histogram, "actor_inference_seconds", "Policy inference time within one rollout.",
-                                                buckets=DURATION_BUCKETS))
-        self.weights_version = c(self._metric(Gauge, "actor_weights_version", "Optimizer step of the weights this actor acts with."))
-        self.restarts = c(self._metric(Counter, "actor_restarts_total", "Times Ray restarted this actor (counted when it comes back)."))
-        self.restarts.inc(restart_count())
-        self.serve()
-
-    def record_rollout(self, rollout) -> None:
-        self.env_steps.inc(rollout.env_steps)
-        self.steps_per_second.set(rollout.env_steps / max(rollout.collect_seconds, 1e-9))
-        self.episodes.inc(len(rollout.episode_returns))
-        for ret, length in zip(rollout.episode_returns.tolist(), rollout.episode_lengths.tolist()):
-            self.episode_return.observe(ret)
-            self.episode_length.observe(length)
-        self.rollout_seconds.observe(rollout.collect_seconds)
-        self.inference_seconds.observe(rollout.inference_seconds)
-        self.weights_version.set(rollout.weights_version)
-
-
-class EvaluatorTelemetry(Telemetry):
-    """An Evaluator: test-level (unseen levels) returns."""
-
-    role = "evaluator"
-
-    def __init__(self, cfg: TrainConfig, learner_id: int):
-        super().__init__(cfg, learner_id)
-        c = self._child
-        self.evaluations = c(self._metric(Counter, "evaluator_evaluations_total", "Evaluations finished."))
-        self.episodes = c(self._metric(Counter, "evaluator_episodes_total", "Test-level episodes played (finished or cut)."))
-        self.seconds = c(self._metric(Histogram, "evaluator_evaluation_seconds", "Wall time of one evaluation.",
-                                      buckets=DURATION_BUCKETS))
-        self.test_return = self._metric(Gauge, "evaluator_test_return", "Mean return of the last evaluation on unseen levels.")
-        self.weights_version = c(self._metric(Gauge, "evaluator_weights_version", "Optimizer step of the last evaluated weights."))
-        self.serve()
-
-    def record_eval(self, result: dict) -> None:
-        self.evaluations.inc()
-        self.episodes.inc(len(result["test_returns"]))
-        self.seconds.observe(result["seconds"])
-        self._child(self.test_return).set(result["test_return"])
-        self.weights_version.set(result["weights_version"])
-
-
-# ---------------------------------------------------------------------------------- learners
-# Learner.update's per-iteration means -> gauges.
-LEARNER_GAUGES = {
-    "loss": ("learner_loss", "Total loss (PPO + alpha * KL to peers), mean over the last iteration's minibatches."),
-    "policy_loss": ("learner_policy_loss", "PPO clipped policy loss, mean over the last iteration."),
-    "value_loss": ("learner_value_loss", "Value loss, mean over the last iteration."),
-    "entropy": ("learner_entropy", "Policy entropy in nats, mean over the last iteration."),
-    "kl_peer": ("learner_kl_peer", "KL(peer || self) in nats, mean over the last iteration (0 without distillation)."),
-    "approx_kl": ("learner_approx_kl", "Approximate KL to the behaviour (old) policy, mean over the last iteration."),
-    "clipfrac": ("learner_clip_fraction", "Fraction of samples whose probability ratio was clipped."),
-    "explained_variance": ("learner_explained_variance", "Explained variance of the value predictions on the last batch."),
-    "learning_rate": ("learner_learning_rate", "Adam learning rate of the last iteration."),
-    "grad_norm": ("learner_grad_norm", "Gradient norm before clipping, mean over the last iteration."),
-}
-
-
-class LearnerTelemetry(Telemetry):
-    """A LearnerWorker: losses and diagnostics, throughput, time per phase, memory, distillation, gRPC."""
-
-    role = "learner"
-
-    def __init__(self, cfg: TrainConfig, learner_id: int, device: str = "cpu"):
-        super().__init__(cfg, learner_id)
-        c, m = self._child, self._metric
-        self.device = device
-        self.gauges = {key: c(m(Gauge, name, doc)) for key, (name, doc) in LEARNER_GAUGES.items()}
-        self.weights_version = c(m(Gauge, "learner_weights_version", "Optimizer steps taken (the weights version)."))
-        self.iteration = c(m(Gauge, "learner_iteration", "Iterations this learner has completed."))
-        self.samples = c(m(Counter, "learner_samples_trained_total", "Samples trained on (batch size x epochs)."))
-        self.nonfinite = c(m(Counter, "learner_nonfinite_errors_total", "Updates aborted on a NaN/inf loss, gradient or peer logits."))
-        self.phase = m(Histogram, "learner_phase_seconds", "Time per iteration in each phase: wait_data (idle until the "
-                       "rollouts arrive), train (PPO epochs less sync), sync (waiting on and talking to peers).",
-                       ("phase",), buckets=DURATION_BUCKETS)
-        self.memory = m(Gauge, "learner_device_memory_bytes", "Memory in use on the training device (CPU: process RSS; "
-                        "CUDA: allocated by torch).", ("device",))
-        self.version_lag = m(Gauge, "actor_weights_version_lag", "Optimizer steps between the weights an actor's last "
-                             "rollout was collected with and this learner's weights when it trained on it.", ("actor_id",))
-        self.sync_seconds = c(m(Histogram, "distill_sync_seconds", "Latency of one sync: sending states to every peer "
-                                "and receiving their logits.", buckets=LATENCY_BUCKETS))
-        self.sent_bytes = c(m(Counter, "distill_sent_bytes_total", "Distillation bytes sent to peers (states, gradients)."))
-        self.received_bytes = c(m(Counter, "distill_received_bytes_total", "Distillation bytes received from peers (logits)."))
-        self.staleness = c(m(Gauge, "distill_staleness_steps", "Optimizer steps since the peer logits used as targets "
-                             "were made, mean over the last iteration's minibatches."))
-        self.staleness_max = c(m(Gauge, "distill_staleness_max_steps", "Largest staleness of peer logits in the last iteration."))
-        self.grpc_server = m(Counter, "grpc_server_handled_total", "gRPC calls this learner's server finished, by status code.",
-                             ("grpc_service", "grpc_method", "grpc_code"))
-        self.grpc_server_seconds = m(Histogram, "grpc_server_handling_seconds", "Time this learner's server spent on one call.",
-                                     ("grpc_service", "grpc_method"), buckets=LATENCY_BUCKETS)
-        self.grpc_client = m(Counter, "grpc_client_handled_total", "gRPC calls this learner made to its peers, by status code.",
-                             ("grpc_service", "grpc_method", "grpc_code"))
-        for phase in ("wait_data", "train", "sync"):
-            self._child(self.phase, phase=phase)
-        self._last_end = time.perf_counter()
-        self._record_memory()
-        self.serve()
-
-    # gRPC ---------------------------------------------------------------------------------
-    def _grpc_server_record(self, service: str, method: str, code, t0: float) -> None:
-        self._child(self.grpc_server, grpc_service=service, grpc_method=method, grpc_code=code.name).inc()
-        self._child(self.grpc_server_seconds, grpc_service=service, grpc_method=method).observe(time.perf_counter() - t0)
-
-    def _grpc_client_record(self, service: str, method: str, code, t0: float) -> None:
-        self._child(self.grpc_client, grpc_service=service, grpc_method=method, grpc_code=code.name).inc()
-
-    def grpc_server_interceptor(self):
-        from learners.telemetry.grpc import ServerMetricsInterceptor
-        return ServerMetricsInterceptor(self._grpc_server_record)
-
-    def grpc_client_interceptors(self) -> tuple:
-        """For PeerClient(interceptors=...): counts the client's calls by status code."""
-        from learners.telemetry.grpc import ClientMetricsInterceptor
-        return (ClientMetricsInterceptor(self._grpc_client_record),)
-
-    # updates ------------------------------------------------------------------------------
-    def record_update(self, stats: dict, rollouts, started: float, step_before: int) -> None:
-        """After LearnerWorker.update: `started`/`step_before` are perf_counter and optimizer step at its start."""
-        for key, gauge in self.gauges.items():
-            if key in stats:
-                gauge.set(stats[key])
-        self.weights_version.set(stats["step"])
-        self.iteration.set(stats["iteration"])
-        self.samples.inc(stats["samples"])
-        sync = stats.get("sync_seconds", 0.0)
-        self._child(self.phase, phase="wait_data").observe(max(0.0, started - self._last_end))
-        self._child(self.phase, phase="train").observe(max(0.0, stats["update_seconds"] - sync))
-        self._child(self.phase, phase="sync").observe(sync)
-        for latency in stats.get("sync_latencies", []):
-            self.sync_seconds.observe(latency)
-        self.sent_bytes.inc(stats.get("sync_bytes_sent", 0))
-        self.received_bytes.inc(stats.get("sync_bytes_received", 0))
-        self.staleness.set(stats.get("staleness_mean", 0.0))
-        self.staleness_max.set(stats.get("staleness_max", 0))
-        for r in rollouts:
-            self._child(self.version_lag, actor_id=r.actor_id).set(step_before - r.weights_version)
-        self._record_memory()
-        self._last_end = time.perf_counter()
-
-    def record_nonfinite(self) -> None:
-        self.nonfinite.inc()
-        self.gauges["loss"].set(math.nan)
-
-    def _record_memory(self) -> None:
-        if self.device.startswith("cuda"):
-            import torch
-            used = torch.cuda.memory_allocated()
-        else:
-            import psutil
-            used = psutil.Process().memory_info().rss
-        self._child(self.memory, device=self.device).set(used)
 
 
 # ------------------------------------------------------------------------------- coordinator
