@@ -80,7 +80,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
                             metavar=f.name.split("_")[-1].upper(), help=text)
 
 
-def resolve_config(args: argparse.Namespace, check_machine: bool = True) -> tuple[TrainConfig, Path]:
+def resolve_config(args: argparse.Namespace, check_machine: bool = False) -> tuple[TrainConfig, Path]:
     """The run's validated config and directory; `check_machine` also runs the preflight (ports, cluster)."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
@@ -123,17 +123,27 @@ def _progress_bar(cfg: TrainConfig, start_steps: int):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from learners.coordinator.cluster import preflight
     from learners.coordinator.loop import Coordinator, RunStopped, TrainingDiverged
+    from learners.coordinator.outputs import prior_run
 
     try:
-        cfg, run_dir = resolve_config(args, check_machine=not args.print_config)
+        cfg, run_dir = resolve_config(args, check_machine=False)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        found = "resume" if args.resume else prior_run(cfg, run_dir)
+        if found == "finished":
+            print(f"{run_dir} holds this run, finished ({cfg.num_iterations} iterations): nothing to do")
+            return 0
+        if found == "resume" and not args.resume:
+            log.warning("%s holds this run with a checkpoint: resuming it (the same command run again continues "
+                        "where it stopped)", run_dir)
+        preflight(cfg)
     except ConfigError as err:
         print(f"mdpo train: error: {err}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
-    coordinator = Coordinator(cfg, run_dir, resume=bool(args.resume))
+    coordinator = Coordinator(cfg, run_dir, resume=found == "resume")
     log.info("run directory: %s", run_dir.resolve())
     bar = None
     try:

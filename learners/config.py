@@ -100,14 +100,22 @@ class TrainConfig:
     """PEM CA bundle that peers use to verify the server certificate (and, with --grpc-mtls, the server verifies clients)."""
     grpc_mtls: bool = False
     """Mutual TLS: learners also present --grpc-tls-cert as client certificate and require the peer's."""
+    grpc_allow_insecure: bool = False
+    """Allow --grpc-host off loopback with neither a token nor TLS: any host that reaches the learners' ports can then call them."""
     grpc_token_env: str = "MDPO_GRPC_TOKEN"
     """Name of the environment variable holding an optional shared token checked on every gRPC call (never stored)."""
+    grpc_token_file: str = ""
+    """A file holding the shared token, read where the driver runs when $grpc_token_env is unset (e.g. the cluster's Ray token file: compose and KubeRay use it)."""
     rpc_timeout_s: float = 60.0
     """Deadline of every gRPC call."""
     sync_timeout_s: float = 300.0
     """How long a learner waits for its peers at a sync point before failing."""
     max_failures: int = 3
-    """Learner/actor failures the run survives by restarting from the latest checkpoint before giving up."""
+    """Learner/actor failures (dead or hung) the run survives by restarting from the latest checkpoint before giving up."""
+    hang_timeout_s: float = 0.0
+    """How long the coordinator waits on any process (a rollout, an update, a control call) before it counts as hung and is killed and replaced like a dead one; 0 = derived from the run: max(--hang-floor-s, 5 x the slowest of the last 10 iterations), 4 x the floor before an iteration is measured."""
+    hang_floor_s: float = 300.0
+    """The least a derived hang bound can be (it covers a slow spell; raise it for iterations that vary widely)."""
     actor_max_restarts: int = 3
     """Times Ray restarts a killed rollout actor (its lost rollout is collected again)."""
     checkpoint_every: int = 10
@@ -161,6 +169,18 @@ class TrainConfig:
     # -------------------------------------------------------------- validation
     def validate(self) -> "TrainConfig":
         """Raise ConfigError on the first bad value, before any process starts."""
+        self._check_numbers()
+        self._check_choices()
+        self._check_channel()
+        from actors.envs import validate_env  # deferred: pulls in gymnasium and procgen
+
+        try:
+            validate_env(self.env_id, self.distribution_mode)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return self
+
+    def _check_numbers(self) -> None:
         positive = ["num_learners", "total_steps", "num_envs", "num_steps", "num_minibatches",
                     "update_epochs", "num_actors", "eval_episodes", "return_window", "keep_checkpoints",
                     "checkpoint_every"]
@@ -172,7 +192,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
         for name in ["eval_every", "eval_max_episode_steps", "learner_threads", "ent_coef", "vf_coef", "max_failures",
-                     "actor_max_restarts", "microbatch_size"]:
+                     "actor_max_restarts", "microbatch_size", "hang_timeout_s", "hang_floor_s"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
@@ -185,6 +205,8 @@ class TrainConfig:
         if self.batch_size % self.num_minibatches:
             raise ConfigError(f"the batch of num_envs*num_steps = {self.batch_size} is not divisible by "
                               f"--num-minibatches {self.num_minibatches}; pick a divisor of {self.batch_size}")
+
+    def _check_choices(self) -> None:
         if self.distill_mode not in DISTILL_MODES:
             raise ConfigError(f"--distill-mode must be one of {', '.join(DISTILL_MODES)}, got {self.distill_mode!r}")
         if not (self.sync in SYNC_CHOICES or (self.sync.isdigit() and int(self.sync) > 0)):
@@ -197,6 +219,8 @@ class TrainConfig:
             raise ConfigError(f"--eval-protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {self.eval_protocol!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    def _check_channel(self) -> None:
         top = 65535 - (1 + 2 * self.num_learners + self.num_learners * self.num_actors)   # telemetry.ports_needed
         if not -1 <= self.metrics_port <= top:
             raise ConfigError(f"--metrics-port must be -1 (off), 0 (pick free ports) or a base port <= {top}, "
@@ -211,13 +235,6 @@ class TrainConfig:
         for path in filter(None, tls):
             if not Path(path).is_file():
                 raise ConfigError(f"TLS file {path} does not exist (check --grpc-tls-cert/--grpc-tls-key/--grpc-tls-ca)")
-        from actors.envs import validate_env  # deferred: pulls in gymnasium and procgen
-
-        try:
-            validate_env(self.env_id, self.distribution_mode)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        return self
 
     # ------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
@@ -246,7 +263,8 @@ def _flag(name: str) -> str:
 # Fields that do not change what a run computes: a resumed run may change them, and a sweep cell's saved config may
 # differ from the sweep's in them.
 PLACEMENT_FIELDS = frozenset({"run_dir", "ray_address", "progress", "checkpoint_every", "device", "run_id",
-                              "metrics_host", "metrics_port", "metrics_sd_dir"})
+                              "metrics_host", "metrics_port", "metrics_sd_dir", "hang_timeout_s", "hang_floor_s",
+                              "grpc_allow_insecure", "grpc_token_file"})
 # `mdpo train --resume RUN_DIR` may also change the budget (the run directory is RUN_DIR itself).
 RESUME_MAY_CHANGE = (PLACEMENT_FIELDS | {"total_steps"}) - {"run_dir"}
 

@@ -57,3 +57,15 @@ class IterationPlan:
     def sync_points(self) -> int:
         return sum(self.sync_window(e, j, self.permutation(e)) is not None
                    for e in range(self.update_epochs) for j in range(self.num_minibatches))
+
+
+def actor_seed(cfg, learner: int, actor: int, iteration: int) -> int:
+    """The env seed of a rollout actor started at `iteration`. Shifted by the iteration so a resumed run does not
+    replay the same episodes. With same_levels, actor a of every learner gets the same seed: the agents play the same
+    level sequence, as the authors' do (their main.py seeds both agents' envs with args.seed)."""
+    return cfg.seed * 1_000_003 + (0 if cfg.same_levels else learner * 1009) + actor * 17 + iteration
+
+
+def eval_seed(cfg, learner: int) -> int:
+    """The seed of a learner's evaluation envs: disjoint from every training seed."""
+    return 10**8 + cfg.seed * 1009 + learner

@@ -5,14 +5,36 @@ from __future__ import annotations
 import threading
 import time
 
+import grpc
 import torch
 
 from learners.bench.synthetic import synthetic_rollout  # noqa: F401  (the tests' batches, as the bench's)
 from learners.config import TrainConfig
 from learners.learner import Learner
 from learners.peer.client import PeerClient
+from learners.peer.guard import PEER_ID_KEY
 from learners.peer.security import ChannelSecurity
 from learners.peer.service import serve
+
+
+class _AsPeer(grpc.StreamStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    def __init__(self, metadata: list[tuple[str, str]]):
+        self.metadata = metadata
+
+    def _with(self, details):
+        return details._replace(metadata=[*(details.metadata or []), *self.metadata])
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with(details), requests)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with(details), requests)
+
+
+def peer_channel(address: str, peer_id: int = 0) -> grpc.Channel:
+    """A raw channel whose calls say they come from configured peer `peer_id` (what PeerClient sends), for tests
+    that hand-craft requests."""
+    return grpc.intercept_channel(grpc.insecure_channel(address), _AsPeer([(PEER_ID_KEY, str(peer_id))]))
 
 
 class LearnerPair:

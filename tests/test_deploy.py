@@ -136,6 +136,12 @@ def test_compose_cluster_topology():
         args, cfg = parse_mdpo(entry)
         assert cfg.grpc_host == "0.0.0.0" and cfg.metrics_host == "0.0.0.0", "learners/metrics must be reachable across nodes"
         assert not cfg.progress
+        # The learners' channel crosses nodes: it needs the token, here the cluster's Ray token file on the head.
+        assert cfg.grpc_token_file and named_volume_at(head, cfg.grpc_token_file)[0] == "ray-auth"
+        # Rerunning the job continues its run (mdpo train is idempotent on a run directory): the directory must
+        # not change between two expansions of the same command, e.g. with a timestamp.
+        assert "$(" not in " ".join(map(str, job["command"])).replace("$$", "$"), \
+            "the job's --run-dir must be the same each time the job runs (no command substitution)"
         # The driver runs on the head: the run directory must be on the runs volume there.
         volume = named_volume_at(head, cfg.run_dir)
         assert volume is not None and volume[0] == "runs", f"--run-dir {cfg.run_dir} is not on the head's runs volume"
@@ -349,6 +355,10 @@ def test_kuberay_rayjob_manifest():
     assert len(entry) == 1
     _, cfg = parse_mdpo(entry[0])
     assert cfg.grpc_host == "0.0.0.0" and cfg.metrics_host == "0.0.0.0" and not cfg.progress
+    # A retry budget, and a fixed run directory so that a retry continues the run (mdpo train is idempotent on it);
+    # the learners' channel checks the token KubeRay sets in every Ray container.
+    assert spec["backoffLimit"] >= 1 and "$(" not in spec["entrypoint"]
+    assert cfg.grpc_token_env == "RAY_AUTH_TOKEN"
 
     head = cluster["headGroupSpec"]
     head_pod = head["template"]["spec"]

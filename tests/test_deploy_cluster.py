@@ -241,7 +241,9 @@ def test_compose_topology_trains_a_job_submitted_with_ray_job_submit(tmp_path):
         submit_argv, submit = train_command(services["mdpo-train-cpu"])
         entry = list(submit["entrypoint"])
         run_dir = cluster.local_path(services["ray-head"], flag_value(entry, "--run-dir"))   # the driver runs on the head
-        for flag, value in [("--preset", "cartpole"), ("--run-dir", str(run_dir)), ("--total-steps", "2048"),
+        token_file = cluster.local_path(services["ray-head"], flag_value(entry, "--grpc-token-file"))
+        for flag, value in [("--preset", "cartpole"), ("--run-dir", str(run_dir)), ("--grpc-token-file", str(token_file)),
+                            ("--total-steps", "2048"),
                             ("--eval-every", "1"), ("--metrics-port", "0")]:
             entry = with_option(entry, flag, value)
         submission_id = f"mdpo-deploy-{uuid.uuid4().hex[:8]}"

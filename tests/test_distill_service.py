@@ -12,7 +12,7 @@ from learners.peer.sync import SyncPoint
 from learners.schedule import IterationPlan
 from protos import distill_pb2 as pb
 from protos import distill_pb2_grpc as pb_grpc
-from tests.helpers import LearnerPair, synthetic_rollout
+from tests.helpers import peer_channel, LearnerPair, synthetic_rollout
 
 IMAGE = ((64, 64, 3), "uint8", 15)
 
@@ -39,7 +39,7 @@ def test_logits_over_grpc_equal_local_forward_even_beyond_message_limit(image_pa
 
 
 def _call(pair, msgs):
-    channel = grpc.insecure_channel(f"127.0.0.1:{pair.ports[1]}")
+    channel = peer_channel(f"127.0.0.1:{pair.ports[1]}")
     try:
         return list(pb_grpc.DistillStub(channel).PeerLogits(iter(msgs), timeout=10))
     finally:

@@ -221,3 +221,165 @@ def test_non_finite_loss_aborts_before_the_optimizer_step():
     for k, v in learner.agent.state_dict().items():
         assert torch.equal(v, before[k])
     FAULT_REPORT.append(("non-finite loss (update aborted, weights kept)", 1, 1, 0))
+
+
+# ------------------------------------------------------------------------------------------- hangs (issue 14)
+# Bounds a test can wait out: a peer's gRPC deadline of 10 s, the coordinator's hang bound 20 s.
+HANG_FLAGS = ("--rpc-timeout-s", "10", "--sync-timeout-s", "10", "--hang-timeout-s", "20")
+
+
+def summary_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def freeze(kind: str, proc: subprocess.Popen, index: int = 0) -> psutil.Process:
+    victims = sorted(ray_workers(kind, proc.pid), key=lambda p: p.pid)
+    assert victims, f"no {kind} process found"
+    victims[index].suspend()                      # SIGSTOP: as a deadlock, a stuck GPU call or a frozen node
+    return victims[index]
+
+
+@pytestmark_slow
+def test_learner_hung_for_good_is_killed_and_the_run_rolls_back(tmp_path):
+    run = tmp_path / "hung-learner"
+    proc = start(run, "--total-steps", str(6 * BATCH), "--checkpoint-every", "2", *HANG_FLAGS)
+    try:
+        wait_for(lambda: iterations_logged(run) >= 3, 240, proc, "3 iterations")
+        freeze("LearnerWorker", proc, 1)
+        out = finish(proc)
+    finally:
+        cleanup(proc)
+    assert proc.returncode == 0, out[-5000:]
+    summary = check_exact_accounting(run, 6)
+    assert summary["failures_recovered"] == 1 and summary["hangs_detected"] >= 1, summary
+    assert "hang, " in out and "restarting learners from the latest checkpoint" in out
+    FAULT_REPORT.append(("learner hung for good (SIGSTOP)", 1, int(summary["completed"]),
+                         transitions_lost_or_doubled(summary, 6)))
+
+
+@pytestmark_slow
+def test_rollout_actor_hung_for_good_is_replaced_without_restarting_the_learners(tmp_path):
+    run = tmp_path / "hung-actor"
+    proc = start(run, "--total-steps", str(6 * BATCH), "--checkpoint-every", "2", *HANG_FLAGS)
+    try:
+        wait_for(lambda: iterations_logged(run) >= 2, 240, proc, "2 iterations")
+        freeze("RolloutWorker", proc, 0)
+        out = finish(proc)
+    finally:
+        cleanup(proc)
+    assert proc.returncode == 0, out[-5000:]
+    summary = check_exact_accounting(run, 6)
+    assert summary["failures_recovered"] == 0, summary            # the learners were never restarted
+    assert summary["hangs_detected"] >= 1 and summary["actor_restarts"] >= 1, summary
+    assert "hung: no rollout within" in out
+    FAULT_REPORT.append(("rollout actor hung for good (SIGSTOP)", 1, int(summary["completed"]),
+                         transitions_lost_or_doubled(summary, 6)))
+
+
+@pytestmark_slow
+def test_learner_and_actor_frozen_briefly_are_left_alone(tmp_path):
+    run = tmp_path / "brief"
+    proc = start(run, "--total-steps", str(6 * BATCH), *HANG_FLAGS)
+    try:
+        wait_for(lambda: iterations_logged(run) >= 2, 240, proc, "2 iterations")
+        frozen = [freeze("LearnerWorker", proc, 0), freeze("RolloutWorker", proc, 1)]
+        time.sleep(4)                             # well inside both bounds
+        for p in frozen:
+            p.resume()
+        out = finish(proc)
+    finally:
+        cleanup(proc)
+    assert proc.returncode == 0, out[-5000:]
+    summary = check_exact_accounting(run, 6)
+    assert summary["failures_recovered"] == 0 and summary["hangs_detected"] == 0, summary
+    FAULT_REPORT.append(("learner + actor frozen 4 s, thawed (no action)", 2, 2 * int(summary["completed"]),
+                         transitions_lost_or_doubled(summary, 6)))
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no two free consecutive ports")
+
+
+@pytestmark_slow
+def test_a_flood_of_idle_streams_on_a_learners_port_does_not_stall_the_run(tmp_path):
+    import grpc
+    from tests.test_channel_guard import IdleStreams
+
+    run, port = tmp_path / "flood", _free_port_pair()
+    proc = start(run, "--total-steps", str(6 * BATCH), "--grpc-port", str(port), *HANG_FLAGS)
+    channels, floods = [], []
+    try:
+        wait_for(lambda: iterations_logged(run) >= 1, 240, proc, "1 iteration")
+        for learner_port in (port, port + 1):
+            channels.append(grpc.insecure_channel(f"127.0.0.1:{learner_port}"))
+            floods.append(IdleStreams(channels[-1], 32))
+        out = finish(proc)
+    finally:
+        for flood in floods:
+            flood.close()
+        for channel in channels:
+            channel.close()
+        cleanup(proc)
+    assert proc.returncode == 0, out[-5000:]
+    summary = check_exact_accounting(run, 6)
+    assert summary["failures_recovered"] == 0 and summary["hangs_detected"] == 0, summary
+    assert {code for flood in floods for code in flood.codes()} == {grpc.StatusCode.PERMISSION_DENIED}
+    FAULT_REPORT.append(("64 idle streams from a stranger on the learners' ports", 1, int(summary["completed"]),
+                         transitions_lost_or_doubled(summary, 6)))
+
+
+@pytestmark_slow
+def test_the_identical_command_after_a_driver_kill_continues_the_run(tmp_path):
+    run = tmp_path / "rerun"
+    args = ("--total-steps", str(8 * BATCH), "--checkpoint-every", "2")
+    proc = start(run, *args)
+    try:
+        wait_for(lambda: (run / "checkpoints" / "ckpt-000004" / "manifest.json").exists(), 240, proc, "checkpoint 4")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        cleanup(proc)
+    again = start(run, *args)                     # the same command: what a retried job or KubeRay runs
+    out = finish(again)
+    assert again.returncode == 0, out[-5000:]
+    assert "resuming it" in out and "resumed from" in out
+    summary = check_exact_accounting(run, 8)
+    kept = {p: p.read_bytes() for p in [run / "metrics.jsonl", run / "summary.json"]}
+
+    third = start(run, *args)                     # finished: exits at once, changes nothing
+    out = finish(third, timeout=60)
+    assert third.returncode == 0 and "nothing to do" in out, out[-3000:]
+    other = start(run, *args, "--learning-rate", "0.001")    # another config: refused, nothing overwritten
+    out = finish(other, timeout=60)
+    assert other.returncode == 2 and "another config" in out and "learning_rate" in out, out[-3000:]
+    assert {p: p.read_bytes() for p in kept} == kept
+    FAULT_REPORT.append(("driver SIGKILL, same command rerun", 1, int(summary["completed"]),
+                         transitions_lost_or_doubled(summary, 8)))
+
+
+@pytestmark_slow
+def test_a_run_that_gives_up_says_so_in_its_summary_and_drops_its_targets(tmp_path):
+    run = tmp_path / "runs" / "gives-up"
+    proc = start(run, "--total-steps", str(10 * BATCH), "--max-failures", "0", "--metrics-port", "0")
+    try:
+        wait_for(lambda: iterations_logged(run) >= 2, 240, proc, "2 iterations")
+        targets = list((tmp_path / "runs" / "prometheus").glob("*.json"))
+        assert targets, "the run serves Prometheus targets while it runs"
+        freeze("LearnerWorker", proc, 0).kill()
+        out = finish(proc)
+    finally:
+        cleanup(proc)
+    assert proc.returncode == 1, out[-5000:]
+    summary = summary_of(run)
+    assert summary["completed"] is False and 2 <= summary["iterations"] < 10, summary
+    assert summary["error"]["type"] == "RuntimeError" and "giving up after 1 failures" in summary["error"]["message"]
+    assert not any(p.exists() for p in targets), "a failed run's targets file must go"

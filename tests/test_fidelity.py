@@ -26,7 +26,7 @@ from actors.evaluator import Evaluator
 from learners.records import Weights
 from learners.cli import main as mdpo_main
 from learners.config import PAPER_ITERATIONS, TrainConfig, preset
-from learners.coordinator.loop import actor_seed
+from learners.schedule import actor_seed
 from learners.learner import Learner
 from learners.model import ConvSequence, sample_actions
 from learners.schedule import IterationPlan

@@ -11,7 +11,7 @@ from learners.config import TrainConfig
 from learners.peer.wire import to_ndarray
 from protos import distill_pb2 as pb
 from protos import distill_pb2_grpc as pb_grpc
-from tests.helpers import LearnerPair
+from tests.helpers import peer_channel, LearnerPair
 
 ACCEPTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
             grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -22,7 +22,7 @@ def server():
     cfg = TrainConfig(env_id="CartPole-v1", num_envs=4, num_steps=8, num_minibatches=2, update_epochs=1,
                       rpc_timeout_s=10, sync_timeout_s=0.2)
     pair = LearnerPair(cfg, (4,), "float32", 2)
-    channel = grpc.insecure_channel(f"127.0.0.1:{pair.ports[1]}")
+    channel = peer_channel(f"127.0.0.1:{pair.ports[1]}")
     yield pb_grpc.DistillStub(channel)
     channel.close()
     pair.close()

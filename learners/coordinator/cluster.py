@@ -3,6 +3,7 @@ and the checks that need the machine or network (run before anything starts)."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import socket
@@ -24,6 +25,17 @@ def run_cpus(cfg: TrainConfig, actors_per_learner: int | None = None) -> float:
 # (a per-actor runtime_env would keep Ray from reusing its pre-started workers, which then idle at ~45 MB each); the
 # cluster image (deploy/Dockerfile) and deploy/runtime_env.yaml set it for cluster runs.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
+def learner_placement(cfg: TrainConfig) -> dict:
+    """Ray options of a learner actor on the connected cluster: a GPU each when there are enough, and the `learner`
+    slot that compose/KubeRay learner nodes advertise."""
+    resources = ray.cluster_resources()
+    gpu = cfg.device != "cpu" and resources.get("GPU", 0) >= cfg.num_learners
+    options = {"num_cpus": cfg.learner_cpus, "num_gpus": 1 if gpu else 0}
+    if resources.get("learner", 0) >= cfg.num_learners:
+        options["resources"] = {"learner": 1}
+    return options
 
 
 def init_local_ray(num_cpus: int, log_to_driver: bool = True) -> None:
@@ -51,8 +63,30 @@ def connect_ray(cfg: TrainConfig) -> bool:
     return True
 
 
+def is_loopback(host: str) -> bool:
+    """A bind address only this machine can reach (a name is resolved; one that does not resolve is not)."""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host) if host and not host[0].isdigit() and ":" not in host
+                                    else host).is_loopback
+    except (ValueError, OSError):
+        return False
+
+
 def preflight(cfg: TrainConfig) -> None:
     """Checks that need the machine or network, run before anything is started."""
+    if (not is_loopback(cfg.grpc_host) and not cfg.grpc_tls_cert and not os.environ.get(cfg.grpc_token_env)
+            and not cfg.grpc_token_file and not cfg.grpc_allow_insecure):
+        raise ConfigError(
+            f"--grpc-host {cfg.grpc_host} exposes the learners' gRPC ports beyond this machine with neither a "
+            f"token nor TLS, so any host that reaches them could stall or feed training. Set a shared token in "
+            f"${cfg.grpc_token_env} (e.g. export {cfg.grpc_token_env}=$(python -c 'import secrets; "
+            f"print(secrets.token_hex(16))')), or TLS with --grpc-tls-cert/--grpc-tls-key/--grpc-tls-ca, or "
+            f"accept the risk with --grpc-allow-insecure")
+    if cfg.grpc_token_file and not os.environ.get(cfg.grpc_token_env):
+        path = cfg.grpc_token_file
+        if not os.path.isfile(path) or not open(path).read().strip():
+            raise ConfigError(f"--grpc-token-file {path} is missing or empty on this machine (the driver reads it); "
+                              f"point it at the cluster's token file or set ${cfg.grpc_token_env}")
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
         check_reachable(address)

@@ -5,38 +5,32 @@ evaluates without blocking, checkpoints, and writes the run directory.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from collections import deque
 from pathlib import Path
 
-import numpy as np
 import ray
 
 from actors.rollout import env_spec, remote_rollout_worker
 from learners.checkpoint import latest_checkpoint, save_checkpoint
 from learners.config import TrainConfig
-from learners.coordinator.cluster import connect_ray, rollout_placement
+from learners.coordinator.cluster import connect_ray, learner_placement, rollout_placement
 from learners.coordinator.evaluations import Evaluations
-from learners.coordinator.failures import RunStopped, TrainingDiverged, is_process_failure, wait_all
-from learners.coordinator.outputs import MetricsLog, generalization_gap, learner_summary, summarize, write_summary
+from learners.coordinator.failures import (HangBounds, HangDetected, RunStopped, TrainingDiverged, await_rollouts,
+                                           is_process_failure, wait_all)
+from learners.peer.security import channel_token
+from learners.peer.sync import PeerCallError
+from learners.coordinator.outputs import MetricsLog, iteration_record, learner_summary, write_summary
 from learners.learner import NonFiniteError
 from learners.learner_worker import LearnerWorker
 from learners.coordinator.plots import plot_returns
 from learners.records import ActorReport, UpdateStats
-from learners.schedule import IterationPlan
+from learners.schedule import IterationPlan, actor_seed, eval_seed
 from learners.telemetry.coordinator import CoordinatorTelemetry, RunProgress
 from learners.telemetry.metrics import with_run_id
 
 log = logging.getLogger("mdpo")
-
-
-def actor_seed(cfg: TrainConfig, learner: int, actor: int, iteration: int) -> int:
-    """The env seed of a rollout actor started at `iteration`. Shifted by the iteration so a resumed run does not
-    replay the same episodes. With same_levels, actor a of every learner gets the same seed: the agents play the same
-    level sequence, as the authors' do (their main.py seeds both agents' envs with args.seed)."""
-    return cfg.seed * 1_000_003 + (0 if cfg.same_levels else learner * 1009) + actor * 17 + iteration
 
 
 class Coordinator:
@@ -57,6 +51,9 @@ class Coordinator:
         self.stop_signal: int | None = None
         self.learner_info: list[dict] = []
         self.failures = 0
+        self.hangs = 0                # processes found hung and replaced
+        self.hang_bounds = HangBounds(cfg.hang_timeout_s, cfg.hang_floor_s)
+        self.error: BaseException | None = None      # what ended the run, if an error did
         self.next_rollouts: list[list] | None = None   # policy lag: the next iteration's rollouts, being collected
         self.owns_ray = False
         self._actor_placement: dict = {}   # set in start(): rollout_placement()
@@ -72,11 +69,7 @@ class Coordinator:
         cfg.save(self.run_dir / "config.json")
         obs_shape, obs_dtype, num_actions = env_spec(cfg)
         self.owns_ray = connect_ray(cfg)
-        resources = ray.cluster_resources()
-        gpu = cfg.device != "cpu" and resources.get("GPU", 0) >= cfg.num_learners
-        learner_opts = {"num_cpus": cfg.learner_cpus, "num_gpus": 1 if gpu else 0}
-        if resources.get("learner", 0) >= cfg.num_learners:   # compose/KubeRay nodes advertise a learner slot
-            learner_opts["resources"] = {"learner": 1}
+        learner_opts = learner_placement(cfg)
         log.info("placing learners with %s", learner_opts)
         self._learner_args = (learner_opts, obs_shape, obs_dtype, num_actions)
         self._start_learners()
@@ -97,37 +90,31 @@ class Coordinator:
 
     def _start_learners(self) -> None:
         learner_opts, obs_shape, obs_dtype, num_actions = self._learner_args
-        token = os.environ.get(self.cfg.grpc_token_env) or None     # read here, handed over, never stored
+        token = channel_token(self.cfg)     # read here, handed over, never stored
         # max_concurrency 2: control calls (state, stop) are not stuck behind a blocked update
         remote_learner = ray.remote(LearnerWorker).options(**learner_opts, max_concurrency=2)
         self.learners = [remote_learner.remote(self.cfg, i, obs_shape, obs_dtype, num_actions, token)
                          for i in range(self.cfg.num_learners)]
-        self.learner_info = ray.get([l.info.remote() for l in self.learners])
+        self.learner_info = self._get([l.info.remote() for l in self.learners], "learner start-up")
         addresses = {info["id"]: info["address"] for info in self.learner_info}
         for info in self.learner_info:
             log.info("learner %d: gRPC %s, device %s, pid %d", info["id"], info["address"], info["device"], info["pid"])
         if self.cfg.distilling:
-            ray.get([l.connect.remote(addresses) for l in self.learners])
+            self._get([l.connect.remote(addresses) for l in self.learners], "learner connect")
 
     def _new_actor(self, learner: int, actor: int):
-        return self._remote_actor.remote(self.cfg, learner, actor, self._actor_seed(learner, actor),
-                                         self._eval_seed(learner))
+        return self._remote_actor.remote(self.cfg, learner, actor, actor_seed(self.cfg, learner, actor, self.iteration),
+                                         eval_seed(self.cfg, learner))
 
     def progress(self) -> RunProgress:
         return RunProgress(self.iteration, list(self.env_steps), self.failures,
                            [info.get("metrics") or {} for info in self.learner_info],
-                           [a for group in self.actors for a in group], len(self.evaluators))
+                           [a for group in self.actors for a in group], len(self.evaluators), self.hangs)
 
     @property
     def evaluators(self) -> list:
         """Per learner, the rollout actor that hosts its Evaluator (actor 0); none when evaluation is off."""
         return [group[0] for group in self.actors] if self.cfg.eval_every else []
-
-    def _actor_seed(self, learner: int, actor: int) -> int:
-        return actor_seed(self.cfg, learner, actor, self.iteration)
-
-    def _eval_seed(self, learner: int) -> int:
-        return 10**8 + self.cfg.seed * 1009 + learner   # disjoint from every training seed
 
     def shutdown(self) -> None:
         for learner in self.learners:
@@ -138,7 +125,8 @@ class Coordinator:
         for handle in [a for group in self.actors for a in group] + self.learners:
             ray.kill(handle)
         self.learners, self.actors = [], []
-        self.telemetry.close(clean=self.stop_signal is not None or self.iteration >= self.cfg.num_iterations)
+        self.telemetry.close(clean=self.stop_signal is not None or self.iteration >= self.cfg.num_iterations
+                             or self.error is not None)
         if self.owns_ray:
             ray.shutdown()
 
@@ -152,29 +140,38 @@ class Coordinator:
         try:
             while self.iteration < cfg.num_iterations and self.stop_signal is None:
                 try:
-                    record = self._iteration()
-                except ray.exceptions.RayError as err:
+                    self._step(t_start, progress)
+                except (ray.exceptions.RayError, HangDetected) as err:
                     self._recover(err)
-                    continue
-                record["wall_seconds"] = time.perf_counter() - t_start
-                record["env_steps_per_second"] = sum(self.env_steps) / record["wall_seconds"]
-                self.metrics.append(record)
-                self.telemetry.on_iteration(self.progress(), record)
-                if progress:
-                    progress(record)
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.num_iterations:
-                    self.checkpoint(time.perf_counter() - t_start)
             if self.stop_signal is not None:
                 self.checkpoint(time.perf_counter() - t_start)
             else:
                 self.evals.final(self.evaluators, self.learners)
             summary = self.write_outputs(time.perf_counter() - t_start)
+        except Exception as err:      # the run ends here: summary.json says how far it got and why
+            self.error = err
+            self.write_outputs(time.perf_counter() - t_start)
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if self.stop_signal is not None:
             raise RunStopped(f"stopped by signal {self.stop_signal} at iteration {self.iteration}; checkpoint written")
         return summary
+
+    def _step(self, t_start: float, progress) -> None:
+        """One iteration, its record (metrics.jsonl, telemetry, progress bar) and, when due, a checkpoint."""
+        t0 = time.perf_counter()
+        record = self._iteration()
+        self.hang_bounds.observe(time.perf_counter() - t0)
+        record["wall_seconds"] = time.perf_counter() - t_start
+        record["env_steps_per_second"] = sum(self.env_steps) / record["wall_seconds"]
+        self.metrics.append(record)
+        self.telemetry.on_iteration(self.progress(), record)
+        if progress:
+            progress(record)
+        if self.iteration % self.cfg.checkpoint_every == 0 or self.iteration == self.cfg.num_iterations:
+            self.checkpoint(time.perf_counter() - t_start)
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is not None:   # second signal: stop now
@@ -189,9 +186,12 @@ class Coordinator:
            where the peers sync, the learning rate;
         2. each learner's latest weights, as an object-store reference versioned by optimizer step;
         3. each learner's rollout actors collect `num_steps` steps with those weights (actors/rollout.py); the
-           rollout references go straight to their learner, the driver never touches the frames;
+           rollout references go straight to their learner, the driver never touches the frames; the driver waits
+           until all are there, within the hang bound (learners/coordinator/failures.py: a hung actor is killed,
+           Ray restarts it and it collects again);
         4. every learner updates at once (learners/learner.py): PPO epochs over its rollouts, meeting its peers at
-           the plan's sync points over gRPC (learners/peer/) for the distillation term;
+           the plan's sync points over gRPC (learners/peer/) for the distillation term; a learner past the bound
+           is hung (HangDetected) and the run rolls back as for a kill (_recover);
         5. the driver adds up env steps, episode returns and sync traffic, polls finished evaluations and starts
            new ones (actors/evaluator.py, never blocking), and returns the record that metrics.jsonl gets.
         """
@@ -201,14 +201,15 @@ class Coordinator:
         # With the policy lag this iteration's rollouts were launched during the previous update.
         rollouts, reports = self.next_rollouts or self._collect(weights)
         self.next_rollouts = None
+        await_rollouts(weights, rollouts, self.hang_bounds.seconds, self._kill_hung_actor)
         if cfg.policy_lag and it + 1 < cfg.num_iterations and self.stop_signal is None:
             # The next iteration's rollouts, collected with these pre-update weights while the learners update (the
-            # learners take calls concurrently, so the weights must be taken before the update is sent).
-            ray.wait(weights, num_returns=len(weights), fetch_local=False)
+            # learners take calls concurrently, so the weights had to be taken, above, before the update is sent).
             self.next_rollouts = self._collect(weights)
-        stats: list[UpdateStats] = wait_all([l.update.remote(plan, *rollouts[i]) for i, l in enumerate(self.learners)])
+        stats: list[UpdateStats] = self._get([l.update.remote(plan, *rollouts[i]) for i, l in enumerate(self.learners)],
+                                             "learner updates")
         self.iteration = it + 1
-        self._track_actor_restarts(ray.get([r for group in reports for r in group]))
+        self._track_actor_restarts(self._get([r for group in reports for r in group], "rollout actor reports"))
         for i, s in enumerate(stats):
             self.env_steps[i] += s.env_steps
             self.returns[i].extend(s.episode_returns)
@@ -221,23 +222,24 @@ class Coordinator:
             self.evals.launch(self.evaluators, self.learners)
         return self._record(stats)
 
+    def _kill_hung_actor(self, learner: int, actor: int, waited_s: float) -> None:
+        self.hangs += 1
+        log.error("rollout actor %d/%d hung: no rollout within %.0fs; killing it (Ray restarts it and collects again)",
+                  learner, actor, waited_s)
+        ray.kill(self.actors[learner][actor], no_restart=False)
+
+    def _get(self, refs: list, what: str) -> list:
+        """ray.get of control calls and small results, within the hang bound."""
+        return wait_all(refs, self.hang_bounds.seconds, what)
+
     def _collect(self, weights: list) -> tuple[list[list], list[list]]:
         """Every actor's next rollout (for its learner) and its own report (for me), as Ray references."""
         refs = [[a.collect.remote(weights[i]) for a in self.actors[i]] for i in range(self.cfg.num_learners)]
         return [[r for r, _ in group] for group in refs], [[rep for _, rep in group] for group in refs]
 
     def _record(self, stats: list[UpdateStats]) -> dict:
-        learners = []
-        for i, s in enumerate(stats):
-            train = float(np.mean(self.returns[i])) if self.returns[i] else None
-            test = self.evals.last[i]["test_return"] if self.evals.last[i] else None
-            learners.append({
-                **s.scalars(), "id": i, "actor_restarts": self.actor_restarts[i], "train_return": train,
-                "episodes": len(s.episode_returns), "test_return": test,
-                "test_weights_version": self.evals.last[i]["weights_version"] if self.evals.last[i] else None,
-                "generalization_gap": generalization_gap(train, test), "sync_latency": summarize(s.sync_latencies)})
-        return {"iteration": self.iteration, "env_steps": self.env_steps[0], "env_steps_total": sum(self.env_steps),
-                "learners": learners}
+        return iteration_record(self.iteration, self.env_steps, stats, self.returns, self.evals.last,
+                                self.actor_restarts)
 
     # ------------------------------------------------------------ failures
     def _recover(self, err: Exception) -> None:
@@ -249,21 +251,26 @@ class Coordinator:
         if not is_process_failure(err):
             raise err    # a bug or bad input, not a dead process: retrying would fail the same way
         self.failures += 1
-        log.error("iteration %d failed (%s: %s); failure %d of at most %d: restarting learners from the latest "
-                  "checkpoint", self.iteration + 1, type(err).__name__, str(err).splitlines()[0][:300],
-                  self.failures, self.cfg.max_failures)
+        hung = isinstance(err, HangDetected) or isinstance(cause, PeerCallError) and cause.code_name == "DEADLINE_EXCEEDED"
+        self.hangs += hung
+        log.error("iteration %d failed (%s%s: %s); failure %d of at most %d: restarting learners from the latest "
+                  "checkpoint", self.iteration + 1, "hang, " if hung else "", type(cause or err).__name__,
+                  str(cause or err).splitlines()[0][:300], self.failures, self.cfg.max_failures)
         if self.failures > self.cfg.max_failures:
             raise RuntimeError(f"giving up after {self.failures} failures; last: {err}") from err
         for learner in self.learners:
-            ray.kill(learner, no_restart=True)
-        self._start_learners()
+            ray.kill(learner, no_restart=True)      # SIGKILL: a frozen (hung) process goes too
         for i, group in enumerate(self.actors):
             for a, actor in enumerate(group):
                 try:
-                    ray.get(actor.ping.remote(), timeout=60)
-                except ray.exceptions.RayError:
-                    log.warning("rollout actor %d/%d is gone: starting a new one", i, a)
+                    ray.get(actor.ping.remote(), timeout=self.hang_bounds.seconds)
+                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as gone:
+                    log.warning("rollout actor %d/%d is gone or hung (%s): starting a new one", i, a,
+                                type(gone).__name__)
+                    ray.kill(actor, no_restart=True)
                     group[a] = self._new_actor(i, a)
+        self.hang_bounds.reset()                    # new processes: the start-up bound again
+        self._start_learners()
         self.evals.in_flight.clear()
         self._restore()
 
@@ -284,14 +291,15 @@ class Coordinator:
 
     # ------------------------------------------------------ checkpointing
     def checkpoint(self, wall_seconds: float) -> Path:
-        learner_states = ray.get([l.state.remote() for l in self.learners])
+        learner_states = self._get([l.state.remote() for l in self.learners], "learner state")
         if self.next_rollouts is None:
-            actor_states = [ray.get([a.get_state.remote() for a in group]) for group in self.actors]
+            actor_states = [self._get([a.get_state.remote() for a in group], "actor state") for group in self.actors]
         else:   # policy lag: a rollout is in flight, uncounted; save what the consumed ones left (it is redone on resume)
             actor_states = self.actor_states
         state = {"iteration": self.iteration, "env_steps": self.env_steps, "returns": [list(r) for r in self.returns],
                  "last_eval": self.evals.last, "sync_totals": self.sync_totals, "wall_seconds": wall_seconds,
-                 "actors": actor_states, "actor_restarts": self.actor_restarts, "failures": self.failures}
+                 "actors": actor_states, "actor_restarts": self.actor_restarts, "failures": self.failures,
+                 "hangs": self.hangs}
         return save_checkpoint(self.ckpt_dir, self.iteration, learner_states, state, self.cfg.keep_checkpoints)
 
     def _restore(self) -> None:
@@ -301,7 +309,7 @@ class Coordinator:
             raise FileNotFoundError(f"no valid checkpoint under {self.ckpt_dir}: nothing to resume")
         if len(ckpt.learners) != self.cfg.num_learners:
             raise ValueError(f"{ckpt.path} holds {len(ckpt.learners)} learners, the config asks for {self.cfg.num_learners}")
-        ray.get([l.load_state.remote(data) for l, data in zip(self.learners, ckpt.learners)])
+        self._get([l.load_state.remote(data) for l, data in zip(self.learners, ckpt.learners)], "learner restore")
         state = ckpt.state
         self.iteration = state["iteration"]
         self.env_steps = state["env_steps"]
@@ -310,10 +318,11 @@ class Coordinator:
         self.wall_offset = state["wall_seconds"]
         self.actor_restarts = state.get("actor_restarts", self.actor_restarts)
         self.failures = max(self.failures, state.get("failures", 0))
+        self.hangs = max(self.hangs, state.get("hangs", 0))
         self.returns = [deque(values, maxlen=self.cfg.return_window) for values in state["returns"]]
         self.actor_states = state["actors"]
-        ray.get([a.set_state.remote(s) for group, states in zip(self.actors, state["actors"])
-                 for a, s in zip(group, states)])
+        self._get([a.set_state.remote(s) for group, states in zip(self.actors, state["actors"])
+                   for a, s in zip(group, states)], "actor restore")
         self.metrics.truncate(self.iteration)
         log.info("resumed from %s at iteration %d (%d env steps per agent)", ckpt.path, self.iteration, self.env_steps[0])
 
@@ -333,7 +342,8 @@ class Coordinator:
             "sync_bytes_sent": totals["bytes_sent"], "sync_bytes_received": totals["bytes_received"],
             "distill_mode": cfg.distill_mode, "alpha": cfg.alpha, "sync": cfg.sync,
             "completed": self.iteration >= cfg.num_iterations, "actor_restarts": sum(self.actor_restarts),
-            "failures_recovered": self.failures,
+            "failures_recovered": self.failures, "hangs_detected": self.hangs,
+            **({"error": {"type": type(self.error).__name__, "message": str(self.error)[:2000]}} if self.error else {}),
             "learners": [learner_summary(i, self.learner_info[i]["device"] if self.learner_info else "unknown",
                                          self.returns[i], self.evals.last[i]) for i in range(cfg.num_learners)],
         })

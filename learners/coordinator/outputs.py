@@ -43,6 +43,21 @@ class MetricsLog:
             self.path.write_text("".join(line + "\n" for line in kept))
 
 
+def iteration_record(iteration: int, env_steps: list[int], stats: list, returns: list, last_eval: list,
+                     actor_restarts: list[int]) -> dict:
+    """An iteration's line of metrics.jsonl: each learner's UpdateStats scalars with the run's view of it."""
+    learners = []
+    for i, s in enumerate(stats):
+        train = float(np.mean(returns[i])) if returns[i] else None
+        test = last_eval[i]["test_return"] if last_eval[i] else None
+        learners.append({
+            **s.scalars(), "id": i, "actor_restarts": actor_restarts[i], "train_return": train,
+            "episodes": len(s.episode_returns), "test_return": test,
+            "test_weights_version": last_eval[i]["weights_version"] if last_eval[i] else None,
+            "generalization_gap": generalization_gap(train, test), "sync_latency": summarize(s.sync_latencies)})
+    return {"iteration": iteration, "env_steps": env_steps[0], "env_steps_total": sum(env_steps), "learners": learners}
+
+
 def learner_summary(i: int, device: str, returns, last_eval: dict | None) -> dict:
     train = float(np.mean(returns)) if returns else None
     test = last_eval["test_return"] if last_eval else None
@@ -54,3 +69,31 @@ def learner_summary(i: int, device: str, returns, last_eval: dict | None) -> dic
 def write_summary(run_dir: Path, summary: dict) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def prior_run(cfg, run_dir: Path) -> str:
+    """What `mdpo train --run-dir D` finds in D, so that rerunning the same command (by hand, a resubmitted Ray
+    job, KubeRay's retries) never throws work away: "new" (nothing there yet), "resume" (a run of this config
+    with a checkpoint), "finished" (that run is complete). A run of another config is refused, never overwritten.
+    Fields a resume may change (placement, the budget) do not count as another config."""
+    from learners.checkpoint import latest_checkpoint
+    from learners.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig
+
+    saved_path = Path(run_dir) / "config.json"
+    if not saved_path.exists():
+        return "new"
+    saved = TrainConfig.load(saved_path)
+    differ = {f: (getattr(saved, f), getattr(cfg, f)) for f in saved.to_dict()
+              if f not in RESUME_MAY_CHANGE | {"run_id", "run_dir"} and getattr(saved, f) != getattr(cfg, f)}
+    if differ:
+        shown = ", ".join(f"{f}: {a!r} there, {b!r} now" for f, (a, b) in sorted(differ.items()))
+        raise ConfigError(f"{run_dir} holds a run of another config ({shown}); nothing was changed. Pick another "
+                          f"--run-dir, or continue that run as it was with: mdpo train --resume {run_dir}")
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if ckpt is None:
+        return "new"
+    summary_path = Path(run_dir) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if ckpt.iteration >= cfg.num_iterations and summary.get("completed") and summary.get("iterations") == ckpt.iteration:
+        return "finished"
+    return "resume"

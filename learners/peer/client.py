@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Callable
 
+import contextlib
+import time
+
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from learners.peer.guard import PEER_ID_KEY
 from learners.peer.security import ChannelSecurity
-from learners.peer.sync import SyncPoint
+from learners.peer.sync import PeerCallError, SyncPoint
 from learners.peer.wire import MAX_MESSAGE_BYTES, SERVICE_NAME, chunk_rows, from_ndarray, sync_msg, to_ndarray
 from protos import distill_pb2 as pb
 from protos import distill_pb2_grpc as pb_grpc
@@ -22,7 +26,7 @@ class PeerClient:
                  security: ChannelSecurity = ChannelSecurity(), interceptors: tuple = ()):
         """`interceptors` (grpc client interceptors, e.g. telemetry's call counter) see every Distill call."""
         self.peer_id, self.my_id, self.address, self.timeout_s = peer_id, my_id, address, timeout_s
-        self.metadata = security.metadata
+        self.metadata = [*security.metadata, (PEER_ID_KEY, str(my_id))]
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         if security.cert:
@@ -35,10 +39,24 @@ class PeerClient:
         self.stub = pb_grpc.DistillStub(grpc.intercept_channel(self.channel, *interceptors) if interceptors
                                         else self.channel)
 
+    @contextlib.contextmanager
+    def _call(self, method: str):
+        """gRPC errors leave as PeerCallError (picklable, typed by status code)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        except grpc.RpcError as err:
+            raise PeerCallError.from_rpc(self.peer_id, method, err, time.perf_counter() - t0) from None
+
     def wait_ready(self, timeout_s: float) -> None:
-        grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
-        status = health_pb2_grpc.HealthStub(self.channel).Check(
-            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, metadata=self.metadata).status
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise PeerCallError(self.peer_id, "connect", "UNAVAILABLE", f"no connection to {self.address}",
+                                timeout_s) from None
+        with self._call("Health.Check"):
+            status = health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, metadata=self.metadata).status
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise ConnectionError(f"peer {self.peer_id} at {self.address} is not serving (status {status})")
 
@@ -61,16 +79,17 @@ class PeerClient:
                 yield msg
 
         chunks, received = [], 0
-        call = self.stub.PeerLogits(requests(), timeout=self.timeout_s, metadata=self.metadata)
-        try:
-            for reply in call:
-                received += reply.ByteSize()
-                chunks.append(from_ndarray(reply.logits))
-                if on_chunk is not None:
-                    on_chunk(chunks[-1])
-        except BaseException:
-            call.cancel()        # e.g. on_chunk rejected a chunk: do not leave the stream open
-            raise
+        with self._call("PeerLogits"):
+            call = self.stub.PeerLogits(requests(), timeout=self.timeout_s, metadata=self.metadata)
+            try:
+                for reply in call:
+                    received += reply.ByteSize()
+                    chunks.append(from_ndarray(reply.logits))
+                    if on_chunk is not None:
+                        on_chunk(chunks[-1])
+            except BaseException:
+                call.cancel()        # e.g. on_chunk rejected a chunk: do not leave the stream open
+                raise
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32), sent, received
 
     def send_grad(self, sync: SyncPoint, grad: np.ndarray) -> int:
@@ -79,7 +98,8 @@ class PeerClient:
         msgs = [pb.GradChunk(sync=sync_msg(sync), chunk_index=i, num_chunks=-(-len(grad) // rows),
                              grad=to_ndarray(grad[start:start + rows]))
                 for i, start in enumerate(range(0, len(grad), rows))]
-        self.stub.PeerGrad(iter(msgs), timeout=self.timeout_s, metadata=self.metadata)
+        with self._call("PeerGrad"):
+            self.stub.PeerGrad(iter(msgs), timeout=self.timeout_s, metadata=self.metadata)
         return sum(m.ByteSize() for m in msgs)
 
     def close(self) -> None:

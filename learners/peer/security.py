@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 
+from learners.peer.guard import deny
+
 
 @dataclass(frozen=True)
 class ChannelSecurity:
@@ -30,7 +32,7 @@ class ChannelSecurity:
             return Path(path).read_bytes() if path else None
 
         return cls(read(cfg.grpc_tls_cert), read(cfg.grpc_tls_key), read(cfg.grpc_tls_ca), cfg.grpc_mtls,
-                   token if token is not None else (os.environ.get(cfg.grpc_token_env) or None))
+                   token if token is not None else channel_token(cfg))
 
     @property
     def metadata(self) -> list[tuple[str, str]]:
@@ -48,16 +50,13 @@ class TokenInterceptor(grpc.ServerInterceptor):
         if hmac.compare_digest(given.encode(), self._expected):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
+        return None if handler is None else deny(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
 
-        if handler is None:
-            return None
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+def channel_token(cfg) -> str | None:
+    """The learners' shared token: $grpc_token_env, else the contents of grpc_token_file (e.g. the cluster's Ray
+    token file), else none. Read where the driver runs and handed to the learners, never stored in the config."""
+    token = os.environ.get(cfg.grpc_token_env)
+    if not token and cfg.grpc_token_file:
+        token = Path(cfg.grpc_token_file).read_text().strip()
+    return token or None

@@ -11,6 +11,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from learners.learner import Learner
+from learners.peer.guard import CallGuard, server_threads
 from learners.peer.security import ChannelSecurity, TokenInterceptor
 from learners.peer.sync import ProtocolError, SyncError
 from learners.peer.wire import MAX_MESSAGE_BYTES, SERVICE_NAME, from_ndarray, sync_from, to_ndarray
@@ -70,14 +71,17 @@ def _chain(first, rest):
 
 
 def serve(learner: Learner, host: str, port: int, security: ChannelSecurity = ChannelSecurity(),
-          max_workers: int = 8, interceptors: tuple = ()) -> tuple[grpc.Server, int]:
+          interceptors: tuple = ()) -> tuple[grpc.Server, int]:
     """Start the learner's gRPC server (plus the standard health service); returns (server, bound port)."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
-    # `interceptors` (e.g. telemetry's call counter) run first, so calls the token check rejects are seen too.
-    interceptors = [*interceptors] + ([TokenInterceptor(security.token)] if security.token else [])
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         interceptors=interceptors)
+    # `interceptors` (e.g. telemetry's call counter) run first, so calls the token check or the guard turn away are
+    # seen too; then the token, then who the caller is and how many calls it has (learners/peer/guard.py).
+    guard = CallGuard(lambda: learner.peer_state.peer_ids)
+    interceptors = [*interceptors] + ([TokenInterceptor(security.token)] if security.token else []) + [guard]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(learner.cfg.num_learners - 1)),
+                         options=options, interceptors=interceptors)
+    server.guard = guard
     pb_grpc.add_DistillServicer_to_server(DistillServicer(learner), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -29,6 +29,7 @@ class RunProgress:
     learner_endpoints: list[dict]        # each learner's /metrics endpoint ({} where it has none)
     actors: list                         # every rollout actor's handle (asked for its endpoints, and its evaluator's)
     evaluators: int
+    hangs: int = 0                       # processes found hung (past the bound) and replaced
 
 
 class _LiveWorkers:
@@ -96,6 +97,9 @@ class CoordinatorTelemetry(Telemetry):
         self.expected = m(Gauge, "coordinator_expected_workers", "Ray actors of each kind the run started.", ("kind",))
         self.failures = c(m(Counter, "coordinator_recovered_failures_total", "Learner/actor failures the run recovered "
                             "from by restarting from the latest checkpoint."))
+        self.hangs = c(m(Counter, "coordinator_hangs_detected_total", "Processes that did not answer within the hang "
+                         "bound and were killed and replaced (a hung learner also rolls the run back)."))
+        self._hangs_seen = 0
         self.workers: dict[str, tuple[str, str]] = {}   # instance -> (Ray actor id of its process, kind)
         self._failures_seen = 0
         self.live = _LiveWorkers(self)
@@ -146,6 +150,8 @@ class CoordinatorTelemetry(Telemetry):
         failures = progress.failures
         self.failures.inc(max(0, failures - self._failures_seen))
         self._failures_seen = max(failures, self._failures_seen)
+        self.hangs.inc(max(0, progress.hangs - self._hangs_seen))
+        self._hangs_seen = max(progress.hangs, self._hangs_seen)
 
     def _refresh_endpoints(self, progress: RunProgress, actors_wait_s: float, quiet: bool = False) -> None:
         """Learners restarted after a failure and rollout actors restarted by Ray (with the evaluators they host)
@@ -174,8 +180,9 @@ class CoordinatorTelemetry(Telemetry):
             self.write_targets()
 
     def close(self, clean: bool = True) -> None:
-        """Stop serving. After a clean end (finished or stopped) the shared targets file goes, so Prometheus
-        stops scraping; after a crash it stays, and the `up == 0` alerts say the run is down."""
+        """Stop serving. After an end the coordinator saw (finished, stopped, or failed with summary.json saying
+        why) the shared targets file goes, so Prometheus stops scraping; after a driver that died without a word it
+        stays, and the `up == 0` alerts say the run is down."""
         if clean and self.sd_path.exists():
             self.sd_path.unlink()
         super().close()
