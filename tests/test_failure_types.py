@@ -89,4 +89,4 @@ def test_wait_all_past_its_bound_names_what_is_still_running(local_ray):
 
     with pytest.raises(HangDetected) as hang:
         wait_all([sleepy.remote(0), sleepy.remote(30)], bound_s=2.0, what="the test's tasks")
-    assert hang.value.stuck == (1,) and hang.value.waited_s >= 2.0 and "the test's tasks" in str(hang.value)
+    assert hang.value.stuck == (1,) and hang.value.waited_s >= 1.9 and "the test's tasks" in str(hang.value)

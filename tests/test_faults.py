@@ -134,9 +134,12 @@ def test_learner_killed_mid_run_is_restarted_from_checkpoint(tmp_path):
 
 
 @pytestmark_slow
-def test_driver_killed_then_resumed_from_last_good_checkpoint(tmp_path):
+def test_driver_killed_then_the_same_command_resumes_from_last_good_checkpoint(tmp_path):
+    """After a driver SIGKILL (and a torn newest checkpoint), the identical command, as a retried job or KubeRay
+    runs it, continues the run; once finished it exits at once; another config in that directory is refused."""
     run = tmp_path / "driver"
-    proc = start(run, "--total-steps", str(12 * BATCH), "--checkpoint-every", "2")
+    args = ("--total-steps", str(12 * BATCH), "--checkpoint-every", "2")
+    proc = start(run, *args)
     try:
         wait_for(lambda: (run / "checkpoints" / "ckpt-000004" / "manifest.json").exists(), 240, proc, "checkpoint 4")
         os.kill(proc.pid, signal.SIGKILL)
@@ -146,13 +149,22 @@ def test_driver_killed_then_resumed_from_last_good_checkpoint(tmp_path):
     newest = sorted((run / "checkpoints").glob("ckpt-*"))[-1]
     damaged = newest / "learner-0.pt"
     damaged.write_bytes(damaged.read_bytes()[:100])          # a torn write
-    proc2 = subprocess.Popen([sys.executable, "-m", "learners.cli", "train", "--resume", str(run), "--progress", "false"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc2 = start(run, *args)
     out = finish(proc2)
     assert proc2.returncode == 0, out[-5000:]
     assert f"{damaged}: checksum mismatch" in out                    # names the broken file
+    assert "resuming it" in out and "resumed from" in out
     summary = check_exact_accounting(run, 12)
-    FAULT_REPORT.append(("driver SIGKILL + torn checkpoint", 2, 2 * int(summary["completed"]),
+    kept = {p: p.read_bytes() for p in [run / "metrics.jsonl", run / "summary.json"]}
+
+    third = start(run, *args)                     # finished: exits at once, changes nothing
+    out = finish(third, timeout=60)
+    assert third.returncode == 0 and "nothing to do" in out, out[-3000:]
+    other = start(run, *args, "--learning-rate", "0.001")    # another config: refused, nothing overwritten
+    out = finish(other, timeout=60)
+    assert other.returncode == 2 and "another config" in out and "learning_rate" in out, out[-3000:]
+    assert {p: p.read_bytes() for p in kept} == kept
+    FAULT_REPORT.append(("driver SIGKILL + torn ckpt, same command rerun", 2, 2 * int(summary["completed"]),
                          transitions_lost_or_doubled(summary, 12)))
 
 
@@ -292,7 +304,7 @@ def test_learner_and_actor_frozen_briefly_are_left_alone(tmp_path):
     assert proc.returncode == 0, out[-5000:]
     summary = check_exact_accounting(run, 6)
     assert summary["failures_recovered"] == 0 and summary["hangs_detected"] == 0, summary
-    FAULT_REPORT.append(("learner + actor frozen 4 s, thawed (no action)", 2, 2 * int(summary["completed"]),
+    FAULT_REPORT.append(("learner + actor frozen 4 s, thawed (left alone)", 2, 2 * int(summary["completed"]),
                          transitions_lost_or_doubled(summary, 6)))
 
 
@@ -333,37 +345,8 @@ def test_a_flood_of_idle_streams_on_a_learners_port_does_not_stall_the_run(tmp_p
     summary = check_exact_accounting(run, 6)
     assert summary["failures_recovered"] == 0 and summary["hangs_detected"] == 0, summary
     assert {code for flood in floods for code in flood.codes()} == {grpc.StatusCode.PERMISSION_DENIED}
-    FAULT_REPORT.append(("64 idle streams from a stranger on the learners' ports", 1, int(summary["completed"]),
+    FAULT_REPORT.append(("64 idle stranger streams on the learners' ports", 1, int(summary["completed"]),
                          transitions_lost_or_doubled(summary, 6)))
-
-
-@pytestmark_slow
-def test_the_identical_command_after_a_driver_kill_continues_the_run(tmp_path):
-    run = tmp_path / "rerun"
-    args = ("--total-steps", str(8 * BATCH), "--checkpoint-every", "2")
-    proc = start(run, *args)
-    try:
-        wait_for(lambda: (run / "checkpoints" / "ckpt-000004" / "manifest.json").exists(), 240, proc, "checkpoint 4")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        cleanup(proc)
-    again = start(run, *args)                     # the same command: what a retried job or KubeRay runs
-    out = finish(again)
-    assert again.returncode == 0, out[-5000:]
-    assert "resuming it" in out and "resumed from" in out
-    summary = check_exact_accounting(run, 8)
-    kept = {p: p.read_bytes() for p in [run / "metrics.jsonl", run / "summary.json"]}
-
-    third = start(run, *args)                     # finished: exits at once, changes nothing
-    out = finish(third, timeout=60)
-    assert third.returncode == 0 and "nothing to do" in out, out[-3000:]
-    other = start(run, *args, "--learning-rate", "0.001")    # another config: refused, nothing overwritten
-    out = finish(other, timeout=60)
-    assert other.returncode == 2 and "another config" in out and "learning_rate" in out, out[-3000:]
-    assert {p: p.read_bytes() for p in kept} == kept
-    FAULT_REPORT.append(("driver SIGKILL, same command rerun", 1, int(summary["completed"]),
-                         transitions_lost_or_doubled(summary, 8)))
 
 
 @pytestmark_slow

@@ -140,7 +140,7 @@ class CoordinatorTelemetry(Telemetry):
                 if entry.get(key) is not None:
                     self._child(gauge, learner_id=entry["id"]).set(entry[key])
         self.last_progress.set_to_current_time()
-        self._refresh_endpoints(progress, actors_wait_s=30)
+        self._refresh_endpoints(progress, actors_wait_s=5)
 
     def _count_up(self, progress: RunProgress) -> None:
         """Counters follow the coordinator's totals (restored ones included; a rollback never lowers them)."""
@@ -163,11 +163,18 @@ class CoordinatorTelemetry(Telemetry):
             return
         found = [e for e in progress.learner_endpoints if e]
         actors = progress.actors
-        try:   # an actor's own endpoint and, for the first actor of a learner, its evaluator's
-            found += [e for endpoints in ray.get([a.metrics_endpoints.remote() for a in actors],
-                                                 timeout=actors_wait_s) for e in endpoints]
-        except Exception as err:  # an actor in the middle of a restart: try again next iteration
-            log.warning("could not read the rollout actors' metrics endpoints: %s", err)
+        # An actor's own endpoint and, for the first actor of a learner, its evaluator's. Those that do not answer
+        # in time (busy, restarting, hung) are asked again next iteration; the others count now.
+        refs = [a.metrics_endpoints.remote() for a in actors]
+        ready, late = ray.wait(refs, num_returns=len(refs), timeout=actors_wait_s) if refs else ([], [])
+        for ref in ready:
+            try:
+                found += ray.get(ref)
+            except ray.exceptions.RayError as err:   # an actor in the middle of a restart
+                log.warning("could not read a rollout actor's metrics endpoints: %s", type(err).__name__)
+        if late and not quiet:
+            log.debug("%d rollout actor(s) did not report their metrics endpoints within %.0fs", len(late),
+                        actors_wait_s)
         changed = [e for e in found if e.get("address")
                    and self.endpoints.get(e["labels"]["instance"], {}).get("address") != e["address"]]
         for e in changed:
