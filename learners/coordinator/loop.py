@@ -292,10 +292,11 @@ class Coordinator:
     # ------------------------------------------------------ checkpointing
     def checkpoint(self, wall_seconds: float) -> Path:
         learner_states = self._get([l.state.remote() for l in self.learners], "learner state")
-        if self.next_rollouts is None:
-            actor_states = [self._get([a.get_state.remote() for a in group], "actor state") for group in self.actors]
-        else:   # policy lag: a rollout is in flight, uncounted; save what the consumed ones left (it is redone on resume)
-            actor_states = self.actor_states
+        # Each actor's state after the last rollout a learner consumed, from its ActorReport: no call to the actors
+        # (a hung one cannot hold up the checkpoint), and with the policy lag exactly what the counted rollouts left
+        # (the one in flight is redone on resume). Only the fresh actors of iteration 0 are asked.
+        actor_states = (self.actor_states if self.iteration else
+                        [self._get([a.get_state.remote() for a in group], "actor state") for group in self.actors])
         state = {"iteration": self.iteration, "env_steps": self.env_steps, "returns": [list(r) for r in self.returns],
                  "last_eval": self.evals.last, "sync_totals": self.sync_totals, "wall_seconds": wall_seconds,
                  "actors": actor_states, "actor_restarts": self.actor_restarts, "failures": self.failures,
