@@ -304,7 +304,10 @@ PRESETS: dict[str, dict] = {
     "cartpole": dict(env_id="CartPole-v1", total_steps=120_000, num_envs=8, num_steps=128, num_minibatches=4,
                      update_epochs=4, learning_rate=2.5e-3, anneal_lr=True, gamma=0.99, gae_lambda=0.95, ent_coef=0.0,
                      clip_reward=10.0, return_window=20, eval_episodes=5, eval_every=5, checkpoint_every=20,
-                     actor_cpus=0.5, learner_cpus=0.5),
+                     actor_cpus=0.5, learner_cpus=0.5,
+                     # Micro-batches save activation memory of the IMPALA-CNN; for this 4-64-64 MLP they are only
+                     # Python overhead (an iteration takes 0.58 s instead of 0.87 s on 2 cores), same gradient.
+                     microbatch_size=0),
 }
 
 
