@@ -113,7 +113,7 @@ class TrainConfig:
     max_failures: int = 3
     """Learner/actor failures (dead or hung) the run survives by restarting from the latest checkpoint before giving up."""
     hang_timeout_s: float = 0.0
-    """How long the coordinator waits on any process (a rollout, an update, a control call) before it counts as hung and is killed and replaced like a dead one; 0 = derived from the run: max(--hang-floor-s, 5 x the slowest of the last 10 iterations), 4 x the floor before an iteration is measured."""
+    """How long the coordinator waits on any process (a rollout, an update, a control call) before it counts as hung and is killed and replaced like a dead one; 0 = derived from the run: max(--hang-floor-s, 5 x the slowest of the last 10 iterations), 4 x the floor before an iteration is measured. A set value is raised to at least 120 s for the first iteration after a (re)start (it starts processes)."""
     hang_floor_s: float = 300.0
     """The least a derived hang bound can be (it covers a slow spell; raise it for iterations that vary widely)."""
     actor_max_restarts: int = 3

@@ -11,10 +11,11 @@ import ray
 from learners.config import TrainConfig
 from learners.coordinator.failures import HangDetected, TrainingDiverged, is_process_failure, wait_all
 from learners.learner import NonFiniteError
-from learners.peer.sync import PeerCallError, ProtocolError, SyncError, SyncPoint
+from learners.peer.sync import PeerCallError, ProtocolError, SyncError, SyncPoint, SyncTimeout
 from tests.helpers import LearnerPair
 
 ERRORS = [SyncError("learner 1: sync for step 4 but this learner is at step 3"),
+          SyncTimeout("learner 0: peers did not complete the sync at step 8 within 10s"),
           ProtocolError("peer 1 returned 2 rows of logits, expected 4"),
           PeerCallError(1, "PeerLogits", "DEADLINE_EXCEEDED", "Deadline Exceeded", 10.0),
           PeerCallError(1, "PeerGrad", "INVALID_ARGUMENT", "gradients must be finite float32", 0.1),
@@ -67,7 +68,7 @@ def local_ray():
 
 
 def test_through_ray_the_cause_keeps_its_type_and_decides_recovery(local_ray):
-    recover = {"SyncError": True, "ProtocolError": False, "PeerCallError:DEADLINE_EXCEEDED": True,
+    recover = {"SyncError": True, "SyncTimeout": True, "ProtocolError": False, "PeerCallError:DEADLINE_EXCEEDED": True,
                "PeerCallError:INVALID_ARGUMENT": False, "NonFiniteError": False, "HangDetected": True,
                "TrainingDiverged": False}
     for err in ERRORS:

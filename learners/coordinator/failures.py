@@ -18,6 +18,9 @@ from learners.peer.sync import PeerCallError, ProtocolError, SyncError
 HANG_FACTOR = 5.0
 HANG_WINDOW = 10          # iterations the slowest is taken over
 FIRST_ITERATION_FLOORS = 4   # before any iteration is measured (process start-up, first collection): 4 x the floor
+# Starting processes (imports, Ray worker start-up, CUDA init) on a loaded machine is slow, not hung: start-up calls
+# wait at least this long even under a small --hang-timeout-s.
+STARTUP_S = 120.0
 
 
 class RunStopped(Exception):
@@ -69,9 +72,13 @@ class HangBounds:
         self.recent.clear()
 
     @property
+    def startup_seconds(self) -> float:
+        return max(self.seconds, STARTUP_S)
+
+    @property
     def seconds(self) -> float:
-        if self.fixed_s:
-            return self.fixed_s
+        if self.fixed_s:   # the first iteration after a (re)start also starts processes
+            return self.fixed_s if self.recent else max(self.fixed_s, STARTUP_S)
         if not self.recent:
             return FIRST_ITERATION_FLOORS * self.floor_s
         return max(self.floor_s, HANG_FACTOR * max(self.recent))

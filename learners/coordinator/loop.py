@@ -15,17 +15,18 @@ import ray
 from actors.rollout import env_spec, remote_rollout_worker
 from learners.checkpoint import latest_checkpoint, save_checkpoint
 from learners.config import TrainConfig
+from learners.coordinator.actors import ActorBook
 from learners.coordinator.cluster import connect_ray, learner_placement, rollout_placement
 from learners.coordinator.evaluations import Evaluations
 from learners.coordinator.failures import (HangBounds, HangDetected, RunStopped, TrainingDiverged, await_rollouts,
                                            is_process_failure, wait_all)
 from learners.peer.security import channel_token
-from learners.peer.sync import PeerCallError
+from learners.peer.sync import PeerCallError, SyncTimeout
 from learners.coordinator.outputs import MetricsLog, iteration_record, learner_summary, write_summary
 from learners.learner import NonFiniteError
 from learners.learner_worker import LearnerWorker
 from learners.coordinator.plots import plot_returns
-from learners.records import ActorReport, UpdateStats
+from learners.records import UpdateStats
 from learners.schedule import IterationPlan, actor_seed, eval_seed
 from learners.telemetry.coordinator import CoordinatorTelemetry, RunProgress
 from learners.telemetry.metrics import with_run_id
@@ -57,9 +58,7 @@ class Coordinator:
         self.next_rollouts: list[list] | None = None   # policy lag: the next iteration's rollouts, being collected
         self.owns_ray = False
         self._actor_placement: dict = {}   # set in start(): rollout_placement()
-        self.actor_restarts = [0] * cfg.num_learners
-        self.actor_pids: list[list] = [[None] * cfg.num_actors for _ in range(cfg.num_learners)]
-        self.actor_states: list[list] = [[{}] * cfg.num_actors for _ in range(cfg.num_learners)]
+        self.book = ActorBook(cfg.num_learners, cfg.num_actors)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -95,12 +94,14 @@ class Coordinator:
         remote_learner = ray.remote(LearnerWorker).options(**learner_opts, max_concurrency=2)
         self.learners = [remote_learner.remote(self.cfg, i, obs_shape, obs_dtype, num_actions, token)
                          for i in range(self.cfg.num_learners)]
-        self.learner_info = self._get([l.info.remote() for l in self.learners], "learner start-up")
+        self.learner_info = wait_all([l.info.remote() for l in self.learners], self.hang_bounds.startup_seconds,
+                                     "learner start-up")
         addresses = {info["id"]: info["address"] for info in self.learner_info}
         for info in self.learner_info:
             log.info("learner %d: gRPC %s, device %s, pid %d", info["id"], info["address"], info["device"], info["pid"])
         if self.cfg.distilling:
-            self._get([l.connect.remote(addresses) for l in self.learners], "learner connect")
+            wait_all([l.connect.remote(addresses) for l in self.learners], self.hang_bounds.startup_seconds,
+                     "learner connect")
 
     def _new_actor(self, learner: int, actor: int):
         return self._remote_actor.remote(self.cfg, learner, actor, actor_seed(self.cfg, learner, actor, self.iteration),
@@ -209,7 +210,8 @@ class Coordinator:
         stats: list[UpdateStats] = self._get([l.update.remote(plan, *rollouts[i]) for i, l in enumerate(self.learners)],
                                              "learner updates")
         self.iteration = it + 1
-        self._track_actor_restarts(self._get([r for group in reports for r in group], "rollout actor reports"))
+        for i, a, state in self.book.observe(self._get([r for group in reports for r in group], "actor reports")):
+            self.actors[i][a].set_state.remote(state)
         for i, s in enumerate(stats):
             self.env_steps[i] += s.env_steps
             self.returns[i].extend(s.episode_returns)
@@ -239,25 +241,38 @@ class Coordinator:
 
     def _record(self, stats: list[UpdateStats]) -> dict:
         return iteration_record(self.iteration, self.env_steps, stats, self.returns, self.evals.last,
-                                self.actor_restarts)
+                                self.book.restarts)
 
     # ------------------------------------------------------------ failures
     def _recover(self, err: Exception) -> None:
         """A learner or actor failed mid-iteration: restart the dead parts and roll the whole pair back to the
-        latest good checkpoint, so the iterations since are redone and nothing is counted twice."""
+        latest good checkpoint, so the iterations since are redone and nothing is counted twice. A failure during
+        the restart is one more failure, recovered from the same way."""
+        while True:
+            self._count_failure(err)
+            try:
+                return self._restart()
+            except (ray.exceptions.RayError, HangDetected) as again:
+                err = again
+
+    def _count_failure(self, err: Exception) -> None:
+        """Raise unless `err` is a process failure the run may still recover from; else count and log it."""
         cause = getattr(err, "cause", None)
         if isinstance(cause, NonFiniteError):
             raise TrainingDiverged(f"{cause}. The last good checkpoint is kept in {self.ckpt_dir}.") from None
         if not is_process_failure(err):
             raise err    # a bug or bad input, not a dead process: retrying would fail the same way
         self.failures += 1
-        hung = isinstance(err, HangDetected) or isinstance(cause, PeerCallError) and cause.code_name == "DEADLINE_EXCEEDED"
+        hung = (isinstance(err, HangDetected) or isinstance(cause, SyncTimeout)
+                or isinstance(cause, PeerCallError) and cause.code_name == "DEADLINE_EXCEEDED")
         self.hangs += hung
         log.error("iteration %d failed (%s%s: %s); failure %d of at most %d: restarting learners from the latest "
                   "checkpoint", self.iteration + 1, "hang, " if hung else "", type(cause or err).__name__,
                   str(cause or err).splitlines()[0][:300], self.failures, self.cfg.max_failures)
         if self.failures > self.cfg.max_failures:
             raise RuntimeError(f"giving up after {self.failures} failures; last: {err}") from err
+
+    def _restart(self) -> None:
         for learner in self.learners:
             ray.kill(learner, no_restart=True)      # SIGKILL: a frozen (hung) process goes too
         for i, group in enumerate(self.actors):
@@ -274,32 +289,17 @@ class Coordinator:
         self.evals.in_flight.clear()
         self._restore()
 
-    def _track_actor_restarts(self, reports: list[ActorReport]) -> None:
-        """Ray restarted an actor (new pid): count it and give it back its reward-normaliser statistics."""
-        for r in reports:
-            i, a = r.learner_id, r.actor_id
-            known = self.actor_pids[i][a]
-            if known is not None and r.pid != known:
-                self.actor_restarts[i] += 1
-                log.warning("rollout actor %d/%d was restarted (pid %s -> %s); restarts so far: %d",
-                            i, a, known, r.pid, sum(self.actor_restarts))
-                if self.actor_states[i][a]:
-                    self.actors[i][a].set_state.remote(self.actor_states[i][a])
-            else:
-                self.actor_states[i][a] = r.state
-            self.actor_pids[i][a] = r.pid
-
     # ------------------------------------------------------ checkpointing
     def checkpoint(self, wall_seconds: float) -> Path:
         learner_states = self._get([l.state.remote() for l in self.learners], "learner state")
         # Each actor's state after the last rollout a learner consumed, from its ActorReport: no call to the actors
         # (a hung one cannot hold up the checkpoint), and with the policy lag exactly what the counted rollouts left
         # (the one in flight is redone on resume). Only the fresh actors of iteration 0 are asked.
-        actor_states = (self.actor_states if self.iteration else
+        actor_states = (self.book.states if self.iteration else
                         [self._get([a.get_state.remote() for a in group], "actor state") for group in self.actors])
         state = {"iteration": self.iteration, "env_steps": self.env_steps, "returns": [list(r) for r in self.returns],
                  "last_eval": self.evals.last, "sync_totals": self.sync_totals, "wall_seconds": wall_seconds,
-                 "actors": actor_states, "actor_restarts": self.actor_restarts, "failures": self.failures,
+                 "actors": actor_states, "actor_restarts": self.book.restarts, "failures": self.failures,
                  "hangs": self.hangs}
         return save_checkpoint(self.ckpt_dir, self.iteration, learner_states, state, self.cfg.keep_checkpoints)
 
@@ -317,11 +317,11 @@ class Coordinator:
         self.evals.last = state["last_eval"]
         self.sync_totals = state["sync_totals"]
         self.wall_offset = state["wall_seconds"]
-        self.actor_restarts = state.get("actor_restarts", self.actor_restarts)
+        self.book.restarts = state.get("actor_restarts", self.book.restarts)
         self.failures = max(self.failures, state.get("failures", 0))
         self.hangs = max(self.hangs, state.get("hangs", 0))
         self.returns = [deque(values, maxlen=self.cfg.return_window) for values in state["returns"]]
-        self.actor_states = state["actors"]
+        self.book.states = state["actors"]
         self._get([a.set_state.remote(s) for group, states in zip(self.actors, state["actors"])
                    for a, s in zip(group, states)], "actor restore")
         self.metrics.truncate(self.iteration)
@@ -342,7 +342,7 @@ class Coordinator:
             "iterations": self.iteration, "syncs": totals["syncs"], "sync_seconds_total": totals["seconds"],
             "sync_bytes_sent": totals["bytes_sent"], "sync_bytes_received": totals["bytes_received"],
             "distill_mode": cfg.distill_mode, "alpha": cfg.alpha, "sync": cfg.sync,
-            "completed": self.iteration >= cfg.num_iterations, "actor_restarts": sum(self.actor_restarts),
+            "completed": self.iteration >= cfg.num_iterations, "actor_restarts": sum(self.book.restarts),
             "failures_recovered": self.failures, "hangs_detected": self.hangs,
             **({"error": {"type": type(self.error).__name__, "message": str(self.error)[:2000]}} if self.error else {}),
             "learners": [learner_summary(i, self.learner_info[i]["device"] if self.learner_info else "unknown",

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from learners.peer.sync import ProtocolError, SyncError
+from learners.peer.sync import ProtocolError, SyncTimeout
 
 
 class IndexedRows:
@@ -86,7 +86,7 @@ class PeerFetch:
         if self.error is not None:
             raise self.error
         if not finished:
-            raise SyncError(f"the exchange with peer {self.peer_id} did not finish within {timeout_s}s")
+            raise SyncTimeout(f"the exchange with peer {self.peer_id} did not finish within {timeout_s}s")
 
     def wait(self, rows: int, timeout_s: float) -> None:
         with self._cond:
@@ -94,4 +94,4 @@ class PeerFetch:
         if self.error is not None:
             raise self.error
         if not arrived or self.ready < rows:
-            raise SyncError(f"peer {self.peer_id} sent {self.ready} of {rows} rows of logits within {timeout_s}s")
+            raise SyncTimeout(f"peer {self.peer_id} sent {self.ready} of {rows} rows of logits within {timeout_s}s")

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from learners.peer.sync import ProtocolError, SyncError, SyncPoint
+from learners.peer.sync import ProtocolError, SyncError, SyncPoint, SyncTimeout
 from learners.records import Weights
 
 # Detached mode: weights kept for sync steps my peers have not read yet, so I step on without waiting for them.
@@ -72,7 +72,7 @@ class PeerState:
             if self._served[step] >= len(self.peer_ids) or step in self._snapshots:
                 return                            # every peer already read my live weights at this step
             if not self._cond.wait_for(lambda: len(self._snapshots) < SNAPSHOT_SLOTS, timeout=self.timeout_s):
-                raise SyncError(f"learner {self.id}: peers did not read my weights of steps {sorted(self._snapshots)} "
+                raise SyncTimeout(f"learner {self.id}: peers did not read my weights of steps {sorted(self._snapshots)} "
                                 f"within {self.timeout_s}s; is a peer down?")
             net = self._free_snapshots.pop() if self._free_snapshots else copy.deepcopy(agent).requires_grad_(False)
             net.load_state_dict(agent.state_dict())     # copies into the slot's tensors in place
@@ -89,7 +89,7 @@ class PeerState:
         with self._cond:
             if not self._cond.wait_for(lambda: self._served[step] >= need and grads_in() >= need,
                                        timeout=self.timeout_s):
-                raise SyncError(f"learner {self.id}: peers did not complete the sync at step {step} within "
+                raise SyncTimeout(f"learner {self.id}: peers did not complete the sync at step {step} within "
                                 f"{self.timeout_s}s (served {self._served[step]}/{need}, gradients {grads_in()}/{need}); "
                                 "is a peer down?")
 
@@ -147,7 +147,7 @@ class PeerState:
         `step`, and my optimizer step (advance) waits for the read to end."""
         with self._cond:
             if not self._cond.wait_for(lambda: step in self._snapshots or self.step >= step, timeout=self.timeout_s):
-                raise SyncError(f"learner {self.id}: did not reach step {step} within {self.timeout_s}s "
+                raise SyncTimeout(f"learner {self.id}: did not reach step {step} within {self.timeout_s}s "
                                 f"(at step {self.step})")
             net = self._snapshots.get(step)
             if net is None and self.step != step:

@@ -25,6 +25,10 @@ class SyncError(RuntimeError):
     restarted."""
 
 
+class SyncTimeout(SyncError):
+    """A peer did not do its part of a sync within the bound: gone or hung."""
+
+
 class ProtocolError(RuntimeError):
     """A peer broke the exchange's contract (rows of the wrong shape or count, non-finite logits): a bug in the peer,
     not a divergence of training and not a lost peer."""
