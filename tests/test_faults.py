@@ -236,8 +236,8 @@ def test_non_finite_loss_aborts_before_the_optimizer_step():
 
 
 # ------------------------------------------------------------------------------------------- hangs (issue 14)
-# Bounds a test can wait out: a peer's gRPC deadline of 10 s, the coordinator's hang bound 20 s.
-HANG_FLAGS = ("--rpc-timeout-s", "10", "--sync-timeout-s", "10", "--hang-timeout-s", "20")
+# Bounds a test can wait out: a peer's gRPC deadline of 8 s, the coordinator's hang bound 12 s (120 s while processes start).
+HANG_FLAGS = ("--rpc-timeout-s", "8", "--sync-timeout-s", "8", "--hang-timeout-s", "12")
 
 
 def summary_of(run_dir: Path) -> dict:
