@@ -80,8 +80,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
                             metavar=f.name.split("_")[-1].upper(), help=text)
 
 
-def resolve_config(args: argparse.Namespace, check_machine: bool = False) -> tuple[TrainConfig, Path]:
-    """The run's validated config and directory; `check_machine` also runs the preflight (ports, cluster)."""
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
+    """The run's validated config and directory (the checks that need the machine are `preflight`'s)."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
     if args.resume:
@@ -99,10 +99,6 @@ def resolve_config(args: argparse.Namespace, check_machine: bool = False) -> tup
         run_dir = Path(cfg.run_dir or f"runs/{cfg.env_id.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.run_dir = str(run_dir)
     cfg.validate()
-    if check_machine:
-        from learners.coordinator.cluster import preflight
-
-        preflight(cfg)
     return cfg, run_dir
 
 
@@ -128,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from learners.coordinator.outputs import prior_run
 
     try:
-        cfg, run_dir = resolve_config(args, check_machine=False)
+        cfg, run_dir = resolve_config(args)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0

@@ -11,6 +11,7 @@ import socket
 import ray
 
 from learners.config import ConfigError, TrainConfig
+from learners.peer.security import channel_token
 
 
 def run_cpus(cfg: TrainConfig, actors_per_learner: int | None = None) -> float:
@@ -82,11 +83,14 @@ def preflight(cfg: TrainConfig) -> None:
             f"${cfg.grpc_token_env} (e.g. export {cfg.grpc_token_env}=$(python -c 'import secrets; "
             f"print(secrets.token_hex(16))')), or TLS with --grpc-tls-cert/--grpc-tls-key/--grpc-tls-ca, or "
             f"accept the risk with --grpc-allow-insecure")
-    if cfg.grpc_token_file and not os.environ.get(cfg.grpc_token_env):
-        path = cfg.grpc_token_file
-        if not os.path.isfile(path) or not open(path).read().strip():
-            raise ConfigError(f"--grpc-token-file {path} is missing or empty on this machine (the driver reads it); "
-                              f"point it at the cluster's token file or set ${cfg.grpc_token_env}")
+    if cfg.grpc_token_file:
+        try:
+            token = channel_token(cfg)
+        except OSError:
+            token = None
+        if not token:
+            raise ConfigError(f"--grpc-token-file {cfg.grpc_token_file} is missing or empty on this machine (the "
+                              f"driver reads it); point it at the cluster's token file or set ${cfg.grpc_token_env}")
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
         check_reachable(address)

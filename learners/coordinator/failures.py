@@ -12,7 +12,7 @@ from collections import deque
 
 import ray
 
-from learners.peer.sync import PeerCallError, ProtocolError, SyncError
+from learners.peer.sync import PeerCallError, ProtocolError, SyncError, SyncTimeout
 
 # A derived hang bound: this many times the slowest recent iteration, never under the floor.
 HANG_FACTOR = 5.0
@@ -41,6 +41,14 @@ class HangDetected(RuntimeError):
     def __str__(self) -> str:
         which = f" (stuck: {', '.join(map(str, self.stuck))})" if self.stuck else ""
         return f"{self.what}{which} did not answer within {self.waited_s:.0f}s (bound {self.bound_s:.0f}s)"
+
+
+def is_hang(err: BaseException) -> bool:
+    """A process that did not answer in time (the coordinator's bound, a peer's sync wait or gRPC deadline), as
+    opposed to one seen dead."""
+    cause = getattr(err, "cause", None)
+    return (isinstance(err, HangDetected) or isinstance(cause, SyncTimeout)
+            or isinstance(cause, PeerCallError) and cause.code_name == "DEADLINE_EXCEEDED")
 
 
 def is_process_failure(err: BaseException) -> bool:
@@ -108,7 +116,8 @@ def await_rollouts(weights: list, rollouts: list[list], bound_s: float, kill_act
     t0 = time.monotonic()
     ready, _ = ray.wait(weights, num_returns=len(weights), timeout=bound_s, fetch_local=False)
     if len(ready) < len(weights):
-        stuck = tuple(i for i, w in enumerate(weights) if w not in set(ready))
+        handed = set(ready)
+        stuck = tuple(i for i, w in enumerate(weights) if w not in handed)
         raise HangDetected("learner weights", time.monotonic() - t0, bound_s, stuck)
     flat = [r for group in rollouts for r in group]
     while True:

@@ -19,9 +19,8 @@ from learners.coordinator.actors import ActorBook
 from learners.coordinator.cluster import connect_ray, learner_placement, rollout_placement
 from learners.coordinator.evaluations import Evaluations
 from learners.coordinator.failures import (HangBounds, HangDetected, RunStopped, TrainingDiverged, await_rollouts,
-                                           is_process_failure, wait_all)
+                                           is_hang, is_process_failure, wait_all)
 from learners.peer.security import channel_token
-from learners.peer.sync import PeerCallError, SyncTimeout
 from learners.coordinator.outputs import MetricsLog, iteration_record, learner_summary, write_summary
 from learners.learner import NonFiniteError
 from learners.learner_worker import LearnerWorker
@@ -263,8 +262,7 @@ class Coordinator:
         if not is_process_failure(err):
             raise err    # a bug or bad input, not a dead process: retrying would fail the same way
         self.failures += 1
-        hung = (isinstance(err, HangDetected) or isinstance(cause, SyncTimeout)
-                or isinstance(cause, PeerCallError) and cause.code_name == "DEADLINE_EXCEEDED")
+        hung = is_hang(err)
         self.hangs += hung
         log.error("iteration %d failed (%s%s: %s); failure %d of at most %d: restarting learners from the latest "
                   "checkpoint", self.iteration + 1, "hang, " if hung else "", type(cause or err).__name__,
@@ -279,7 +277,7 @@ class Coordinator:
             for a, actor in enumerate(group):
                 try:
                     ray.get(actor.ping.remote(), timeout=self.hang_bounds.seconds)
-                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as gone:
+                except ray.exceptions.RayError as gone:     # GetTimeoutError too: a hung actor
                     log.warning("rollout actor %d/%d is gone or hung (%s): starting a new one", i, a,
                                 type(gone).__name__)
                     ray.kill(actor, no_restart=True)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import contextlib
 import time
+from typing import Callable
 
 import grpc
 import numpy as np

@@ -99,13 +99,11 @@ class CoordinatorTelemetry(Telemetry):
                             "from by restarting from the latest checkpoint."))
         self.hangs = c(m(Counter, "coordinator_hangs_detected_total", "Processes that did not answer within the hang "
                          "bound and were killed and replaced (a hung learner also rolls the run back)."))
-        self._hangs_seen = 0
         self.workers: dict[str, tuple[str, str]] = {}   # instance -> (Ray actor id of its process, kind)
-        self._failures_seen = 0
         self.live = _LiveWorkers(self)
         self.registry.register(self.live)
         self.endpoints: dict[str, dict] = {}          # instance -> endpoint
-        self._steps_seen: dict[int, int] = {}
+        self._seen: dict = {}          # counter key -> the total it has been brought up to
         self._last_time = time.perf_counter()
 
     # lifecycle ----------------------------------------------------------------------------
@@ -145,13 +143,13 @@ class CoordinatorTelemetry(Telemetry):
     def _count_up(self, progress: RunProgress) -> None:
         """Counters follow the coordinator's totals (restored ones included; a rollback never lowers them)."""
         for i, steps in enumerate(progress.env_steps):
-            self._child(self.env_steps, learner_id=i).inc(max(0, steps - self._steps_seen.get(i, 0)))
-            self._steps_seen[i] = max(steps, self._steps_seen.get(i, 0))
-        failures = progress.failures
-        self.failures.inc(max(0, failures - self._failures_seen))
-        self._failures_seen = max(failures, self._failures_seen)
-        self.hangs.inc(max(0, progress.hangs - self._hangs_seen))
-        self._hangs_seen = max(progress.hangs, self._hangs_seen)
+            self._follow(self._child(self.env_steps, learner_id=i), ("env_steps", i), steps)
+        self._follow(self.failures, "failures", progress.failures)
+        self._follow(self.hangs, "hangs", progress.hangs)
+
+    def _follow(self, counter, key, total: int) -> None:
+        counter.inc(max(0, total - self._seen.get(key, 0)))
+        self._seen[key] = max(total, self._seen.get(key, 0))
 
     def _refresh_endpoints(self, progress: RunProgress, actors_wait_s: float, quiet: bool = False) -> None:
         """Learners restarted after a failure and rollout actors restarted by Ray (with the evaluators they host)
