@@ -13,11 +13,13 @@ $(STAMP): pyproject.toml setup.py $(wildcard protos/*.proto)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-# System packages the tests use: a real Prometheus (promtool), docker-compose to validate the compose file, curl.
+# System packages the tests use: a real Prometheus (promtool), docker-compose to validate the compose file, curl,
+# iproute2 (network namespaces: the multi-host cluster test).
 system-deps:
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null \
-			|| ! command -v curl >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker-compose curl >/dev/null; \
+			|| ! command -v curl >/dev/null || ! command -v ip >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker-compose curl \
+			iproute2 >/dev/null; \
 	fi
 
 # The main job: a short Procgen training on an embedded local Ray.

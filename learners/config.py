@@ -89,7 +89,7 @@ class TrainConfig:
     device: str = "auto"
     """`auto` (a GPU when Ray gives the learner one, else CPU), `cpu` or `cuda`."""
     grpc_host: str = "127.0.0.1"
-    """Address learners bind their gRPC servers to (loopback by default; 0.0.0.0 on multi-node clusters)."""
+    """Address learners bind their gRPC servers to: loopback by default; `node` = the address of the Ray node each learner runs on (multi-host clusters; compose uses it); 0.0.0.0 = every interface."""
     grpc_port: int = 0
     """Base port (learner i uses base+i); 0 picks free ports."""
     grpc_tls_cert: str = ""
@@ -128,7 +128,7 @@ class TrainConfig:
     progress: bool = True
     # --- monitoring (learners/telemetry/metrics.py, deploy/prometheus/README.md) ---
     metrics_host: str = "127.0.0.1"
-    """Address every process binds its Prometheus /metrics endpoint to (0.0.0.0 in compose and on multi-node clusters)."""
+    """Address every process binds its Prometheus /metrics endpoint to (0.0.0.0 in compose and on multi-node clusters; `node` = its Ray node's address)."""
     metrics_port: int = 9500
     """Base port of the /metrics endpoints: coordinator B, learner i B+1+i, evaluator i B+1+L+i, actor a of learner i B+1+2L+i*A+a (L learners, A actors each); 0 picks free ports, -1 turns metrics off."""
     metrics_sd_dir: str = ""

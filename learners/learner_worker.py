@@ -19,7 +19,7 @@ from learners.peer.service import serve
 from learners.learner import Learner, NonFiniteError
 from learners.schedule import IterationPlan
 from learners.telemetry.learner import LearnerTelemetry
-from learners.telemetry.metrics import advertised_host
+from learners.telemetry.metrics import advertised_host, bind_host
 
 
 def resolve_device(requested: str) -> str:
@@ -39,7 +39,7 @@ class LearnerWorker:
         # The token comes as an argument, not in cfg, so it never lands in config.json or a log.
         self.security = ChannelSecurity.from_config(cfg, token)
         self.telemetry = LearnerTelemetry(cfg, learner_id, self.device)   # its /metrics endpoint (learners/telemetry/metrics.py)
-        self.server, self.port = serve(self.learner, cfg.grpc_host, port, self.security,
+        self.server, self.port = serve(self.learner, bind_host(cfg.grpc_host), port, self.security,
                                        interceptors=(self.telemetry.grpc_server_interceptor(),))
         self.clients: list[PeerClient] = []
 

@@ -1,8 +1,10 @@
 """A learner's gRPC server cannot be stalled by callers that are not its peers, by idle streams, or by one peer
 taking every thread (learners/peer/guard.py), against real servers on 127.0.0.1."""
 
+import socket
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -128,10 +130,11 @@ def test_binding_beyond_loopback_needs_a_token_or_tls(monkeypatch, tmp_path):
         return TrainConfig(env_id="CartPole-v1", **kw).validate()
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
-    assert not is_loopback("0.0.0.0") and not is_loopback("")
+    assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("node")
     monkeypatch.delenv("MDPO_GRPC_TOKEN", raising=False)
-    with pytest.raises(ConfigError, match="MDPO_GRPC_TOKEN.*--grpc-allow-insecure"):
-        preflight(config(grpc_host="0.0.0.0"))
+    for host in ("0.0.0.0", "node"):
+        with pytest.raises(ConfigError, match="MDPO_GRPC_TOKEN.*--grpc-allow-insecure"):
+            preflight(config(grpc_host=host))
     preflight(config(grpc_host="localhost"))                                   # loopback: no token needed
     preflight(config(grpc_host="0.0.0.0", grpc_allow_insecure=True))           # the explicit opt-out
     monkeypatch.setenv("MDPO_GRPC_TOKEN", "t0k")
@@ -144,3 +147,26 @@ def test_binding_beyond_loopback_needs_a_token_or_tls(monkeypatch, tmp_path):
     token.write_text("from-a-file\n")
     preflight(with_file)
     assert channel_token(with_file) == "from-a-file"
+
+
+def test_grpc_host_node_binds_the_address_of_the_ray_node_only():
+    """`--grpc-host node` (compose, KubeRay): the server listens on the node's address, not on every interface;
+    tests/test_deploy_cluster.py checks it on hosts of their own."""
+    import ray
+
+    from learners.telemetry.metrics import advertised_host, bind_host
+
+    node_ip = ray.util.get_node_ip_address()
+    assert bind_host("node") == node_ip == advertised_host("node")
+    assert bind_host("0.0.0.0") == "0.0.0.0" and bind_host("127.0.0.1") == "127.0.0.1"
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    port = server.add_insecure_port(f"{bind_host('node')}:0")
+    try:
+        server.start()
+        with socket.create_connection((node_ip, port), timeout=5):
+            pass
+        if node_ip != "127.0.0.1":      # bound to the node's address: loopback is not listening
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        server.stop(0)

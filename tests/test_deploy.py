@@ -134,7 +134,7 @@ def test_compose_cluster_topology():
         assert submit["address"] == f"http://ray-head:{dashboard_port}"
         entry = list(submit["entrypoint"])
         args, cfg = parse_mdpo(entry)
-        assert cfg.grpc_host == "0.0.0.0" and cfg.metrics_host == "0.0.0.0", "learners/metrics must be reachable across nodes"
+        assert cfg.grpc_host == "node" and cfg.metrics_host == "0.0.0.0", "learners/metrics must be reachable across nodes"
         assert not cfg.progress
         # The learners' channel crosses nodes: it needs the token, here the cluster's Ray token file on the head.
         assert cfg.grpc_token_file and named_volume_at(head, cfg.grpc_token_file)[0] == "ray-auth"
@@ -354,7 +354,7 @@ def test_kuberay_rayjob_manifest():
     entry = shell_commands(["sh", "-c", spec["entrypoint"]], {})
     assert len(entry) == 1
     _, cfg = parse_mdpo(entry[0])
-    assert cfg.grpc_host == "0.0.0.0" and cfg.metrics_host == "0.0.0.0" and not cfg.progress
+    assert cfg.grpc_host == "node" and cfg.metrics_host == "0.0.0.0" and not cfg.progress
     # A retry budget, and a fixed run directory so that a retry continues the run (mdpo train is idempotent on it);
     # the learners' channel checks the token KubeRay sets in every Ray container.
     assert spec["backoffLimit"] >= 1 and "$(" not in spec["entrypoint"]

@@ -1,11 +1,13 @@
-"""The compose topology, for real, without containers (there is no Docker engine here).
+"""The compose topology, for real, without containers (there is no Docker engine here), on hosts of their own.
 
-`ray start --head` plus a rollout node and two learner nodes, each started from its compose service's
-own command (its ports remapped to free ones, each node on its own loopback address, the compose
-volumes as directories), with Ray token authentication on and the token made by the compose
-`ray-auth` command; the compose health checks decide when a node is up. Then the compose training
-job's own `ray job submit -- mdpo train ...` (a short CartPole run) must end SUCCEEDED with a
-summary.json, with every actor where the compose topology puts it.
+`ray start --head`, a rollout node and learner nodes, each started from its compose service's own command on
+the compose ports, each on a host with its own address (a network namespace, tests/netns.py), the compose volumes
+as directories, with Ray token authentication on and the token made by the compose `ray-auth` command; the
+compose health checks decide when a node is up. Then the compose training job's own `ray job submit -- mdpo
+train ...` (a CartPole run), from a host of its own, must end SUCCEEDED with a summary.json and every actor where
+the compose topology puts it, the learners' gRPC servers bound to their hosts' addresses with the token on,
+though one learner host is partitioned mid-run (`docker compose up --scale ray-learner-cpu-1=2` gives the run
+the spare learner node it moves to).
 """
 
 from __future__ import annotations
@@ -16,23 +18,18 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 import pytest
 
 from tests.deploy_helpers import (ROOT, RUNTIME_ENV, VENV_BIN, active_services, compose_commands, environment,
-                                  flag_value, load_compose, named_volume_at, parse_ray, system_binary,
-                                  train_command, url_port)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+                                  flag_value, load_compose, named_volume_at, system_binary, train_command)
+from tests.helpers import FAULT_REPORT
+from tests.netns import Host, Network
 
 
 def with_flags(argv: list[str], flags: dict[str, object]) -> list[str]:
@@ -54,20 +51,19 @@ def with_option(argv: list[str], flag: str, value: str) -> list[str]:
 
 
 class LocalComposeCluster:
-    """The compose cluster as local processes: each compose service's own command, its named volumes as
-    directories, its ports remapped to free ones, each node on its own loopback address."""
+    """The compose cluster as local processes, each compose service on a host of its own (a network namespace with
+    its own address, tests/netns.py) running the service's own command on the compose ports; the named volumes are
+    directories."""
 
-    def __init__(self, tmp_path: Path, services: dict[str, dict]):
-        self.services, self.tmp = services, tmp_path
+    def __init__(self, tmp_path: Path, services: dict[str, dict], net: Network):
+        self.services, self.tmp, self.net = services, tmp_path, net
         self.volumes = {"ray-auth": tmp_path / "ray-auth", "runs": tmp_path / "runs"}
         for path in self.volumes.values():
             path.mkdir()
         self.temp_dir = Path(f"/tmp/ray_mdpo_{uuid.uuid4().hex[:8]}")   # Ray's socket paths must stay short
         self.marker = uuid.uuid4().hex
-        net = int(self.marker[:2], 16) % 250 + 1
-        self.next_ip = iter(f"127.77.{net}.{i}" for i in range(2, 250))
         self.procs: list[subprocess.Popen] = []
-        self.nodes: dict[str, dict] = {}     # service -> ip, ports, log
+        self.nodes: dict[str, dict] = {}     # node name -> host, log, argv
 
     # -- compose -> local
     def local_path(self, svc: dict, container_path: str) -> Path:
@@ -85,12 +81,10 @@ class LocalComposeCluster:
         env.update(extra)
         return env
 
-    def healthcheck(self, name: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> bool:
-        """Run the service's compose health check (its ports remapped) until it passes (True) or the node's
+    def healthcheck(self, node: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> bool:
+        """Run the service's compose health check inside the node's host until it passes (True) or the node's
         `ray start` exits (False)."""
-        argv = list(self.services[name]["healthcheck"]["test"][1:])
-        host, port, path = url_port(argv[-1])
-        argv[-1] = f"http://{host}:{self.nodes[name]['ports'][port]}{path}"
+        argv = self.nodes[node]["host"].argv(self.services[self.nodes[node]["service"]]["healthcheck"]["test"][1:])
         deadline = time.monotonic() + timeout_s
         while True:
             result = subprocess.run(argv, capture_output=True, text=True)
@@ -100,22 +94,23 @@ class LocalComposeCluster:
                 return False
             for other in self.procs:
                 assert other.poll() is None, f"a Ray node exited: {self.log_tails()}"
-            assert time.monotonic() < deadline, f"{name}: health check {argv} still failing: {result.stderr}\n{self.log_tails()}"
+            assert time.monotonic() < deadline, f"{node}: health check {argv} still failing: {result.stderr}\n{self.log_tails()}"
             time.sleep(1.0)
 
-    def up(self, name: str, flags, attempts: int = 2) -> None:
-        """Start a node from its compose command and wait for its compose health check. Ray gives a new node
-        30 s to register its raylet; a 2-core machine busy with other work can miss that, so a node whose
-        `ray start` gave up for that reason is started once more (fresh ports)."""
+    def up(self, node: str, flags: dict[str, object], service: str | None = None, attempts: int = 2) -> None:
+        """Start a node (on a new host) from its compose service's command and wait for the compose health check.
+        Ray gives a new node 30 s to register its raylet; a 2-core machine busy with other work can miss that, so
+        a node whose `ray start` gave up for that reason is started once more."""
+        host = self.net.add_host(node)
         for attempt in range(attempts):
-            proc = self.start(name, flags())
-            if self.healthcheck(name, proc):
+            proc = self.start(node, service or node, host, flags)
+            if self.healthcheck(node, proc):
                 return
-            log = Path(self.nodes[name]["log"]).read_text()
+            log = Path(self.nodes[node]["log"]).read_text()
             self.procs.remove(proc)
             with_suppressed(os.killpg, proc.pid, signal.SIGKILL)
             with_suppressed(proc.wait, timeout=10)
-            assert "timed out during startup" in log and attempt + 1 < attempts, f"{name} did not start:\n{log[-3000:]}"
+            assert "timed out during startup" in log and attempt + 1 < attempts, f"{node} did not start:\n{log[-3000:]}"
 
     def log_tails(self) -> str:
         return "\n".join(f"--- {n}\n" + Path(i["log"]).read_text()[-1500:] for n, i in self.nodes.items())
@@ -141,30 +136,24 @@ class LocalComposeCluster:
         assert shown.returncode == 0 and shown.stdout.strip() == token, shown.stderr
         return token
 
-    def start(self, name: str, flags: dict[str, object]) -> subprocess.Popen:
-        argv, = compose_commands(self.services[name])
-        ip = next(self.next_ip)
-        agent = free_port()
-        params = parse_ray(argv)[1]
-        ports = {int(params["dashboard_agent_listen_port"]): agent}
-        if "--dashboard-port" in flags:
-            ports[int(params["dashboard_port"])] = int(flags["--dashboard-port"])
-        argv = with_flags(argv, {"--node-ip-address": ip, "--dashboard-agent-listen-port": agent,
-                                 "--metrics-export-port": free_port(), "--object-store-memory": 150_000_000,
-                                 "--min-worker-port": 0, "--max-worker-port": 0, **flags})
-        log = self.tmp / f"{name}.log"
+    def start(self, node: str, service: str, host: Host, flags: dict[str, object]) -> subprocess.Popen:
+        argv, = compose_commands(self.services[service])
+        # The compose command on the compose ports (the host is its own); only the object store is made smaller:
+        # /dev/shm is shared by every host here.
+        argv = with_flags(argv, {"--node-ip-address": host.ip, "--object-store-memory": 150_000_000, **flags})
+        log = self.tmp / f"{node}.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen(argv, env=self.env(name), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(host.argv(argv), env=self.env(service), stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.procs.append(proc)
-        self.nodes[name] = {"ip": ip, "ports": ports, "log": log, "argv": argv}
+        self.nodes[node] = {"host": host, "service": service, "log": log, "argv": argv}
         return proc
 
-    def spawn(self, argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
-        """A client command (from the repository root, as the docs run it), its output to a file."""
+    def spawn(self, host: Host, argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+        """A client command on `host` (from the repository root, as the docs run it), its output to a file."""
         out = self.tmp / f"client-{uuid.uuid4().hex[:6]}.log"
         with open(out, "w") as f:
-            return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), out
+            return subprocess.Popen(host.argv(argv), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), out
 
     def finish(self, run: tuple[subprocess.Popen, Path], timeout_s: float) -> tuple[int, str]:
         proc, out = run
@@ -211,88 +200,151 @@ api, submission_id = sys.argv[1:3]
 info = JobSubmissionClient(api).get_job_info(submission_id)
 actors = list_actors(address=api, filters=[("job_id", "=", info.job_id)], detail=True, limit=1000)
 print(json.dumps({"status": str(info.status.value), "entrypoint": info.entrypoint,
-                  "actors": [[a.class_name, a.node_id] for a in actors],
+                  "actors": [[a.class_name, a.node_id, a.state] for a in actors],
                   "nodes": {n.node_id: n.node_ip for n in list_nodes(address=api, limit=100)}}))
 """
 
+BATCH = 1024              # cartpole preset: 8 envs x 128 steps
+ITERATIONS = 8
+CUT_AFTER = 2             # iterations logged before the learner host is partitioned
+HANG_TIMEOUT_S = 12       # the coordinator's bound (--hang-timeout-s); the peers' gRPC deadline is 8 s
+FAILURE_LINE = re.compile(r"^(\S+ \S+) ERROR mdpo: iteration \d+ failed .*$", re.M)
+LEARNER_LINE = re.compile(r"learner (\d+): gRPC ([\d.]+):(\d+), device")
+
+
+def metrics_lines(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_until(condition, timeout_s: float, proc: subprocess.Popen, what: str, log: Path):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        assert proc.poll() is None, f"the job ended ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-4000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}:\n{log.read_text()[-4000:]}")
+
 
 @pytest.mark.slow
-def test_compose_topology_trains_a_job_submitted_with_ray_job_submit(tmp_path):
-    """`ray start --head` + CPU worker + two learner nodes from the compose commands (cpu profile), token auth
-    on, the compose health checks, then the compose job's `ray job submit -- mdpo train` (a short CartPole run)."""
+def test_compose_topology_on_separate_hosts_trains_through_a_learner_host_partition(tmp_path):
+    """Head, CPU worker and three learner nodes (two + the spare `--scale ray-learner-cpu-1=2` adds) from the
+    compose commands (cpu profile), each on its own host; token auth on, the compose health checks, then the
+    compose job's `ray job submit -- mdpo train` from a client host. Mid-run the host of learner 1 is cut off:
+    the run must see it within the bound, move that learner to the spare node and finish with every iteration
+    counted once."""
     t0 = time.monotonic()
     system_binary("curl")     # the compose health checks
     services = active_services(load_compose(), "cpu")
-    cluster = LocalComposeCluster(tmp_path, services)
+    net = Network()
+    cluster = LocalComposeCluster(tmp_path, services, net)
     try:
         cluster.make_token()
-
-        cluster.up("ray-head", lambda: {"--port": free_port(), "--dashboard-host": "127.0.0.1",
-                                         "--dashboard-port": free_port(), "--ray-client-server-port": free_port(),
-                                         "--temp-dir": cluster.temp_dir})
+        cluster.up("ray-head", {"--temp-dir": cluster.temp_dir})
         head_argv = cluster.nodes["ray-head"]["argv"]
-        gcs = f"{cluster.nodes['ray-head']['ip']}:{flag_value(head_argv, '--port')}"
-        api = f"http://127.0.0.1:{flag_value(head_argv, '--dashboard-port')}"
-        for name in ["ray-cpu-worker", "ray-learner-cpu-0", "ray-learner-cpu-1"]:
-            cluster.up(name, lambda: {"--address": gcs})    # one at a time: 2 cores
+        head_ip = cluster.nodes["ray-head"]["host"].ip
+        gcs = f"{head_ip}:{flag_value(head_argv, '--port')}"
+        api = f"http://{head_ip}:{flag_value(head_argv, '--dashboard-port')}"
+        for node, service in [("ray-cpu-worker", None), ("ray-learner-cpu-0", None), ("ray-learner-cpu-1", None),
+                              ("ray-learner-cpu-1-2", "ray-learner-cpu-1")]:
+            cluster.up(node, {"--address": gcs}, service)    # one at a time: 2 cores
+        client = net.add_host("mdpo-train-cpu")
         print(f"cluster up after {time.monotonic() - t0:.0f}s")
 
-        # The compose training job, as its shell expands it, pointed at this cluster and shortened.
+        # The compose training job, as its shell expands it, pointed at this cluster, with hang bounds a test can wait
+        # out.
         submit_argv, submit = train_command(services["mdpo-train-cpu"])
         entry = list(submit["entrypoint"])
         run_dir = cluster.local_path(services["ray-head"], flag_value(entry, "--run-dir"))   # the driver runs on the head
         token_file = cluster.local_path(services["ray-head"], flag_value(entry, "--grpc-token-file"))
         for flag, value in [("--preset", "cartpole"), ("--run-dir", str(run_dir)), ("--grpc-token-file", str(token_file)),
-                            ("--total-steps", "2048"),
-                            ("--eval-every", "1"), ("--metrics-port", "0")]:
+                            ("--total-steps", str(ITERATIONS * BATCH)), ("--checkpoint-every", "2"),
+                            ("--eval-every", "2"), ("--metrics-port", "0"), ("--rpc-timeout-s", "8"),
+                            ("--sync-timeout-s", "8"), ("--hang-timeout-s", str(HANG_TIMEOUT_S))]:
             entry = with_option(entry, flag, value)
         submission_id = f"mdpo-deploy-{uuid.uuid4().hex[:8]}"
         job_argv = with_flags(submit_argv[:submit_argv.index("--")], {"--address": api, "--submission-id": submission_id})
         ray = str(VENV_BIN / "ray")
         job_env = cluster.env("mdpo-train-cpu")
+        train = cluster.spawn(client, job_argv + ["--"] + entry, job_env)
+        job, job_log = train
+
+        # The learners' gRPC servers listen on their hosts' addresses only (--grpc-host node), token on.
+        learners = wait_until(lambda: len(found := dict(started_learners(job_log.read_text()))) == 2 and found, 180,
+                              job, "the learners' addresses", job_log)
+        hosts = {i: net.host_of(ip) for i, (ip, _) in learners.items()}
+        assert len({h.name for h in hosts.values()}) == 2 and all(h.name.startswith("ray-learner") for h in hosts.values())
+        for i, (ip, port) in learners.items():
+            assert f"{ip}:{port}" in net.listening(hosts[i]) and f"0.0.0.0:{port}" not in net.listening(hosts[i])
+
         # Meanwhile (2 cores: run the small ones alongside), token authentication turns away a client with
         # another token, and deploy/ray_job.md's working-dir route replaces the installed package with this
         # checkout's code and generated stubs.
         check = ("import os, learners, protos.distill_pb2 as pb; cwd = os.getcwd(); "
                  "assert learners.__file__.startswith(cwd) and pb.__file__.startswith(cwd), (cwd, pb.__file__); "
                  "assert not os.path.exists('tests'); print('working dir ok')")
-        runs = {
-            "train": cluster.spawn(job_argv + ["--"] + entry, job_env),
-            "wrong-token": cluster.spawn([ray, "job", "submit", f"--address={api}", "--", "true"],
+        side = {
+            "wrong-token": cluster.spawn(client, [ray, "job", "submit", f"--address={api}", "--", "true"],
                                          {**job_env, "RAY_AUTH_TOKEN": "0" * 64}),
-            "working-dir": cluster.spawn([ray, "job", "submit", f"--address={api}", "--working-dir", ".", "--runtime-env",
-                                          str(RUNTIME_ENV.relative_to(ROOT)), "--", "python", "-c", check],
-                                         {**job_env, "RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1"}),
+            "working-dir": cluster.spawn(client, [ray, "job", "submit", f"--address={api}", "--working-dir", ".",
+                                                  "--runtime-env", str(RUNTIME_ENV.relative_to(ROOT)), "--", "python",
+                                                  "-c", check], {**job_env, "RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1"}),
         }
-        results = {name: cluster.finish(run, timeout_s=240) for name, run in runs.items()}
+
+        # The partition: learner 1's host drops off the network mid-run (its processes keep running).
+        wait_until(lambda: len(metrics_lines(run_dir)) >= CUT_AFTER, 240, job, f"{CUT_AFTER} iterations", job_log)
+        cut = hosts[1]
+        net.cut(cut)
+        t_cut = time.time()
+        failed = wait_until(lambda: FAILURE_LINE.search(job_log.read_text()), HANG_TIMEOUT_S + 30, job,
+                            "the partition to be detected", job_log)
+        # Seen within the bound, by the driver's own clock (its log line's time; same machine): a hang, not a death.
+        detected_s = datetime.strptime(failed[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() - t_cut
+        print(f"partition of {cut.name} detected after {detected_s:.1f}s: {failed[0][:200]}")
+        assert detected_s <= HANG_TIMEOUT_S + 1 and "failed (hang" in failed[0], failed[0]
+
+        results = {name: cluster.finish(run, timeout_s=240) for name, run in {"train": train, **side}.items()}
         code, log = results["train"]
         assert code == 0, f"the job failed:\n{log[-4000:]}\n{cluster.log_tails()}"
-        code, log = results["wrong-token"]
-        assert code != 0 and "Invalid authentication token" in log, log[-2000:]
-        code, log = results["working-dir"]
-        assert code == 0 and "working dir ok" in log, log[-3000:]
+        code, log_ = results["wrong-token"]
+        assert code != 0 and "Invalid authentication token" in log_, log_[-2000:]
+        code, log_ = results["working-dir"]
+        assert code == 0 and "working dir ok" in log_, log_[-3000:]
         print(f"jobs done after {time.monotonic() - t0:.0f}s")
 
-        state = json.loads(subprocess.run([str(VENV_BIN / "python"), "-c", STATE_SNAPSHOT, api, submission_id],
+        state = json.loads(subprocess.run(client.argv([str(VENV_BIN / "python"), "-c", STATE_SNAPSHOT, api, submission_id]),
                                           env=job_env, capture_output=True, text=True, timeout=120, check=True).stdout)
         assert state["status"] == "SUCCEEDED" and state["entrypoint"] == shlex.join(entry), state
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["completed"] and summary["iterations"] == 2
+        records = metrics_lines(run_dir)
+        assert summary["completed"] and summary["iterations"] == ITERATIONS
+        assert [r["iteration"] for r in records] == list(range(1, ITERATIONS + 1)), "an iteration was lost or logged twice"
+        assert summary["env_steps"]["per_agent"] == [ITERATIONS * BATCH] * 2
+        assert [r["env_steps"] for r in records] == [BATCH * i for i in range(1, ITERATIONS + 1)]
+        assert summary["failures_recovered"] >= 1 and summary["hangs_detected"] >= 1, summary
         assert [l["device"] for l in summary["learners"]] == ["cpu", "cpu"]    # no GPU here: learners fall back to CPU
+        FAULT_REPORT.append(("learner host partitioned (multi-host cluster)", 1, int(summary["completed"]),
+                             abs(2 * ITERATIONS * BATCH - summary["env_steps"]["total"])))
 
-        # Placement: each learner on its own learner node, rollout actors (which host the evaluators) on the CPU
-        # worker.
+        # Placement: each learner on a learner node of its own, before the cut and after it (then not on the cut host:
+        # the spare took its place), rollout actors (which host the evaluators) on the CPU worker.
         where: dict[str, list[str]] = {}
-        for class_name, node_id in state["actors"]:
+        for class_name, node_id, _ in state["actors"]:
             where.setdefault(class_name, []).append(state["nodes"][node_id])
-        ip = {name: info["ip"] for name, info in cluster.nodes.items()}
-        assert sorted(where["LearnerWorker"]) == sorted([ip["ray-learner-cpu-0"], ip["ray-learner-cpu-1"]]), where
+        ip = {name: info["host"].ip for name, info in cluster.nodes.items()}
+        final = dict(started_learners(log))
+        assert len({a for a, _ in final.values()}) == 2 and cut.ip not in {a for a, _ in final.values()}, (final, cut)
+        assert sorted(where["LearnerWorker"]) == sorted([a for a, _ in learners.values()] + [a for a, _ in final.values()])
+        assert {net.host_of(a).name for a in where["LearnerWorker"]} <= {"ray-learner-cpu-0", "ray-learner-cpu-1",
+                                                                        "ray-learner-cpu-1-2"}, where
         assert set(where["RolloutWorker"]) == {ip["ray-cpu-worker"]} and set(where) == {"LearnerWorker", "RolloutWorker"}, where
 
         # The metrics endpoints Prometheus scrapes in compose (--metrics-host 0.0.0.0) carry the nodes' addresses.
         from learners.telemetry.metrics import TARGETS_FILE
 
-        role_ip = {"coordinator": {ip["ray-head"]}, "learner": set(where["LearnerWorker"]),
+        role_ip = {"coordinator": {head_ip}, "learner": {a for a, _ in final.values()},
                    "actor": {ip["ray-cpu-worker"]}, "evaluator": {ip["ray-cpu-worker"]}}
         groups = json.loads((run_dir / TARGETS_FILE).read_text())
         assert {g["labels"]["role"] for g in groups} == set(role_ip)
@@ -301,4 +353,10 @@ def test_compose_topology_trains_a_job_submitted_with_ray_job_submit(tmp_path):
                 assert target.rsplit(":", 1)[0] in role_ip[group["labels"]["role"]], (group, ip)
     finally:
         cluster.stop()
-    print(f"compose topology test: {time.monotonic() - t0:.0f}s")
+        net.close()
+    print(f"multi-host compose topology test: {time.monotonic() - t0:.0f}s")
+
+
+def started_learners(log: str) -> list[tuple[int, tuple[str, int]]]:
+    """(learner id, (ip, port)) as the coordinator logs each learner it starts, latest last."""
+    return [(int(m[1]), (m[2], int(m[3]))) for m in LEARNER_LINE.finditer(log)]

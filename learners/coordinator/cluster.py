@@ -12,6 +12,7 @@ import ray
 
 from learners.config import ConfigError, TrainConfig
 from learners.peer.security import channel_token
+from learners.telemetry.metrics import bind_host
 
 
 def run_cpus(cfg: TrainConfig, actors_per_learner: int | None = None) -> float:
@@ -100,7 +101,7 @@ def preflight(cfg: TrainConfig) -> None:
                 # As gRPC's own listener does: a previous run's connections in TIME_WAIT do not block the port.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
-                    sock.bind((cfg.grpc_host, port))
+                    sock.bind((bind_host(cfg.grpc_host), port))
                 except OSError as err:
                     raise ConfigError(f"--grpc-port: port {port} on {cfg.grpc_host} is in use ({err.strerror}); "
                                       "pick another base port or 0 for free ports") from None

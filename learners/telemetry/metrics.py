@@ -78,8 +78,22 @@ def sd_dir(cfg: TrainConfig, run_dir: Path | str) -> Path:
     return Path(cfg.metrics_sd_dir) if cfg.metrics_sd_dir else Path(run_dir).resolve().parent / "prometheus"
 
 
+# --grpc-host/--metrics-host value: bind to the address of the Ray node the process runs on. On a multi-host cluster
+# that is the one address its peers reach it at; 0.0.0.0 would also open the port on every other interface.
+NODE_HOST = "node"
+
+
+def bind_host(host: str) -> str:
+    """The address a server is bound to for --grpc-host/--metrics-host `host`."""
+    if host != NODE_HOST:
+        return host
+    import ray
+    return ray.util.get_node_ip_address()
+
+
 def advertised_host(host: str) -> str:
     """The address other machines reach a server bound to `host` at."""
+    host = bind_host(host)
     if host not in ("0.0.0.0", "::", ""):
         return f"[{host}]" if ":" in host else host
     try:
@@ -166,7 +180,7 @@ class Telemetry:
         """Start the /metrics endpoint (unless --metrics-port -1); `address` is then host:port."""
         if self.cfg.metrics_port < 0 or self._server is not None:
             return self
-        host = self.cfg.metrics_host
+        host = bind_host(self.cfg.metrics_host)
         port = metrics_port(self.cfg, self.role, self.learner_id or 0, self.actor_id or 0)
         try:
             server, _ = start_http_server(port, addr=host, registry=self.registry)
