@@ -36,7 +36,7 @@ class Evaluator:
                                    distribution_mode=cfg.distribution_mode, normalize_reward=False, clip_reward=None,
                                    procgen_threads=1)
         obs_shape, obs_dtype, num_actions = obs_spec(self.env)
-        self.agent = make_agent(obs_shape, obs_dtype, num_actions)
+        self.agent = make_agent(obs_shape, obs_dtype, num_actions, cfg.precision)
         self.rng = torch.Generator().manual_seed(self.seed)
         self.calls = 0
 

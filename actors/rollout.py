@@ -1,4 +1,5 @@
-"""Rollout collection: a vector env plus CPU inference with the learner's latest weights.
+"""Rollout collection: a vector env plus inference with the learner's latest weights, on this actor's CPU or served
+by the learner (--inference learner: learners/inference.py).
 
 Plain classes; the coordinator makes RolloutWorker a Ray actor (`ray.remote(RolloutWorker)`), tests can run it
 in process. The first actor of each learner also hosts that learner's Evaluator, in a second Ray concurrency group
@@ -19,7 +20,7 @@ from torch.distributions import Categorical
 from actors.envs import (ProcgenVectorEnv, get_reward_normalizer_state, is_procgen, make_vector_env, obs_spec,
                          set_reward_normalizer_state)
 from actors.evaluator import Evaluator
-from learners.records import ActorReport, Rollout, Weights
+from learners.records import ActorReport, Rollout, ServedPolicy, Weights
 from learners.config import TrainConfig
 from learners.model import make_agent, sample_actions
 from learners.telemetry.actor import ActorTelemetry
@@ -62,7 +63,7 @@ class RolloutWorker:
                                    gamma=cfg.gamma, normalize_reward=cfg.normalize_reward,
                                    clip_reward=cfg.clip_reward, procgen_threads=1)   # steps and inference alternate
         obs_shape, obs_dtype, num_actions = obs_spec(self.env)
-        self.agent = make_agent(obs_shape, obs_dtype, num_actions)
+        self.agent = make_agent(obs_shape, obs_dtype, num_actions, cfg.precision)
         self.agent.eval()
         self.version = -1
         self.obs, _ = self.env.reset(seed=seed)
@@ -77,16 +78,32 @@ class RolloutWorker:
             self.version = weights.version
 
     @ray.method(num_returns=2)    # (stacked on torch.no_grad(), Ray 2.60 ignores it: the body holds no_grad)
-    def collect(self, weights: Weights) -> tuple[Rollout, ActorReport]:
+    def collect(self, policy: Weights | ServedPolicy, learner=None) -> tuple[Rollout, ActorReport]:
         """One rollout for the learner, and this actor's own report for the coordinator (two Ray objects: the
-        frames go to the learner, the report to the driver)."""
+        frames go to the learner, the report to the driver). `policy`: the learner's weights, run here, or a
+        ServedPolicy, run by `learner` (its Ray actor handle)."""
         with torch.no_grad():
-            rollout = self._rollout(weights)
+            rollout = self._rollout(policy, learner)
         self.telemetry.record_rollout(rollout)
         return rollout, ActorReport(self.learner_id, self.actor_id, os.getpid(), self.get_state())
 
-    def _rollout(self, weights: Weights) -> Rollout:
-        self._load(weights)
+    def _policy(self, policy: Weights | ServedPolicy, learner):
+        """obs -> (logits, values) as torch tensors: my network, or my learner's batched inference (one Ray call a
+        step for all my envs; frames travel as uint8)."""
+        if isinstance(policy, Weights):
+            self._load(policy)
+            return lambda obs: self.agent(torch.from_numpy(obs))
+        if learner is None:
+            raise ValueError("learner-served inference needs the learner's handle")
+
+        def served(obs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, values = ray.get(learner.infer.remote(policy.version, obs))
+            return torch.from_numpy(logits), torch.from_numpy(values)
+        return served
+
+    def _rollout(self, policy: Weights | ServedPolicy, learner=None) -> Rollout:
+        act = self._policy(policy, learner)
+        version = policy.version
         cfg, T, N = self.cfg, self.cfg.num_steps, self.cfg.envs_per_actor
         obs_buf = np.empty((T, N, *self.obs.shape[1:]), dtype=self.obs.dtype)
         actions = np.empty((T, N), np.int64)
@@ -97,7 +114,7 @@ class RolloutWorker:
         for t in range(T):
             obs_buf[t] = self.obs
             ti = time.perf_counter()
-            logits, value = self.agent(torch.from_numpy(self.obs))
+            logits, value = act(self.obs)
             action = sample_actions(logits, self.rng)
             logprobs[t] = Categorical(logits=logits).log_prob(action).numpy()
             infer += time.perf_counter() - ti
@@ -108,15 +125,15 @@ class RolloutWorker:
             if cut.any() and "final_obs" in info:
                 # A time limit is not a real end: bootstrap from the value of the state that was cut off.
                 final = np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)])
-                reward[cut] += cfg.gamma * self.agent(torch.from_numpy(final))[1].numpy()
+                reward[cut] += cfg.gamma * act(final)[1].numpy()
             rewards[t], dones[t] = reward, terminated | truncated
             if "episode" in info:
                 done_mask = info["_episode"]
                 ep_returns.extend(np.asarray(info["episode"]["r"])[done_mask].tolist())
                 ep_lengths.extend(np.asarray(info["episode"]["l"])[done_mask].tolist())
-        next_value = self.agent(torch.from_numpy(self.obs))[1].numpy()
+        next_value = act(self.obs)[1].numpy()
         self.env_steps += T * N
-        return Rollout(self.learner_id, self.actor_id, self.version, obs_buf, actions, logprobs, values, rewards,
+        return Rollout(self.learner_id, self.actor_id, version, obs_buf, actions, logprobs, values, rewards,
                        dones, next_value, np.asarray(ep_returns, np.float32), np.asarray(ep_lengths, np.int64),
                        time.perf_counter() - t0, infer)
 

@@ -39,7 +39,7 @@ class Learner:
         self.id = learner_id
         self.device = torch.device(device)
         torch.manual_seed(cfg.seed * 1000 + learner_id)
-        self.agent = make_agent(obs_shape, obs_dtype, num_actions).to(self.device)
+        self.agent = make_agent(obs_shape, obs_dtype, num_actions, cfg.precision).to(self.device)
         self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
         self.num_actions = num_actions
         self.obs_shape, self.obs_dtype = tuple(obs_shape), obs_dtype
@@ -83,6 +83,7 @@ class Learner:
         exchange = PeerExchange(self.peers if distill else [], self._pool, batch.obs, self.num_actions, exact,
                                 max(1, (cfg.microbatch_size or cfg.minibatch_size) // 2), cfg.sync_timeout_s,
                                 self.device)
+        on_device = batch.to(self.device)    # once per update; the exchange sends the host copy's frames
         steps, sync_index = [], 0
         for epoch in range(plan.update_epochs):
             perm = plan.permutation(epoch)
@@ -97,7 +98,7 @@ class Learner:
                         with exchange.stats.blocked():
                             self.peer_state.keep_snapshot(sync.step, self.agent)
                     exchange.begin(sync, window, perm)
-                steps.append(self._minibatch_step(batch, mb, exchange if distill else None, sync))
+                steps.append(self._minibatch_step(on_device, mb, exchange if distill else None, sync))
                 if epoch == 0 and j == 0:
                     exchange.stats.first_step_seconds = exchange.stats.seconds
         exchange.finish()
@@ -123,22 +124,35 @@ class Learner:
 
         Every loss term is a mean over the minibatch, so micro-batch c contributes its mean weighted by
         len(c)/len(mb) and the accumulated gradient is that of one pass (advantages are normalized over the whole
-        minibatch first). Peer logits are awaited only after this micro-batch's own forward pass.
+        minibatch first). Peer logits are awaited only after this micro-batch's own forward pass. `batch` holds
+        tensors on my device (Batch.to); the loss terms stay there until one host sync after the last micro-batch
+        (on a GPU each .item() would stall the queue of kernels).
         """
         cfg = self.cfg
-        advantages = ppo.normalize_advantages(torch.from_numpy(batch.advantages[mb]).to(self.device))
+        rows_on_device = torch.from_numpy(mb).to(self.device)
+        advantages = ppo.normalize_advantages(batch.advantages[rows_on_device])
         size = cfg.microbatch_size or len(mb)
-        totals: Counter[str] = Counter()
+        totals: dict[str, torch.Tensor] = {}
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         new_logprobs = []
         try:
             for start in range(0, len(mb), size):
-                rows = mb[start:start + size]
-                terms, new_logprob = self._micro_batch_loss(batch, rows, advantages[start:start + size],
+                terms, new_logprob = self._micro_batch_loss(batch, mb[start:start + size],
+                                                            rows_on_device[start:start + size],
+                                                            advantages[start:start + size],
                                                             exchange.logits if exchange else None, start)
-                (terms["loss"] * (len(rows) / len(mb) * self.loss_scale)).backward()
+                weight = min(size, len(mb) - start) / len(mb)
+                (terms["loss"] * (weight * self.loss_scale)).backward()
+                finite &= torch.isfinite(terms.pop("finite"))
                 for name, term in terms.items():
-                    totals[name] += len(rows) / len(mb) * term.item()
+                    totals[name] = totals.get(name, 0.0) + weight * term.detach()
                 new_logprobs.append(new_logprob.detach())
+            approx_kl, clipfrac = ppo.ppo_diagnostics(torch.cat(new_logprobs), batch.logprobs[rows_on_device],
+                                                      cfg.clip_coef)
+            *values, ok = torch.stack([*totals.values(), approx_kl, clipfrac, finite.float()]).tolist()  # the sync
+            if not ok:
+                raise NonFiniteError(f"learner {self.id}: non-finite loss {values[0]} at step {self.step}; "
+                                     "update aborted before the optimizer step")
         except BaseException:
             self.optimizer.zero_grad(set_to_none=True)   # drop the part of the gradient accumulated so far
             raise
@@ -149,30 +163,26 @@ class Learner:
                 self.peer_state.wait_for_peers(sync.step)
             self._backprop_peer_grads(sync.step)
         grad_norm = self._optimizer_step(exchange)
-        approx_kl, clipfrac = ppo.ppo_diagnostics(torch.cat(new_logprobs),
-                                                  torch.from_numpy(batch.logprobs[mb]).to(self.device), cfg.clip_coef)
-        return dict(totals, approx_kl=approx_kl, clipfrac=clipfrac, grad_norm=grad_norm)
+        return dict(zip([*totals, "approx_kl", "clipfrac"], values), grad_norm=grad_norm)
 
-    def _micro_batch_loss(self, batch: Batch, rows: np.ndarray, advantages: torch.Tensor, peer_logits,
-                          start: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _micro_batch_loss(self, batch: Batch, rows: np.ndarray, rows_on_device: torch.Tensor, advantages: torch.Tensor,
+                          peer_logits, start: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The paper's loss on one micro-batch: PPO's clipped surrogate, value loss and entropy bonus, plus alpha
-        times the mean KL(peer || self) over the peers (`peer_logits(rows, start)`; None: no distillation)."""
+        times the mean KL(peer || self) over the peers (`peer_logits(rows, start)`; None: no distillation). Also
+        "finite": a value that is non-finite when the loss or the logits are."""
         cfg, dev = self.cfg, self.device
-        logits, value = self.agent(torch.from_numpy(batch.obs[rows]).to(dev))
-        new_logprob = Categorical(logits=logits).log_prob(torch.from_numpy(batch.actions[rows]).to(dev))
-        pg_loss = ppo.policy_loss(new_logprob, torch.from_numpy(batch.logprobs[rows]).to(dev), advantages,
-                                  cfg.clip_coef)
-        v_loss = ppo.value_loss(value, torch.from_numpy(batch.values[rows]).to(dev),
-                                torch.from_numpy(batch.returns[rows]).to(dev), cfg.clip_coef if cfg.clip_vloss else None)
+        logits, value = self.agent(batch.obs[rows_on_device])
+        new_logprob = Categorical(logits=logits).log_prob(batch.actions[rows_on_device])
+        pg_loss = ppo.policy_loss(new_logprob, batch.logprobs[rows_on_device], advantages, cfg.clip_coef)
+        v_loss = ppo.value_loss(value, batch.values[rows_on_device], batch.returns[rows_on_device],
+                                cfg.clip_coef if cfg.clip_vloss else None)
         entropy = ppo.entropy(logits)
         peers = peer_logits(rows, start) if peer_logits else {}
         kl = (torch.stack([ppo.kl_to_peer(p, logits) for p in peers.values()]).mean()
               if peers else torch.zeros((), device=dev))
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy + cfg.alpha * kl
-        if not torch.isfinite(loss) or not torch.isfinite(logits).all():
-            raise NonFiniteError(f"learner {self.id}: non-finite loss {loss.item()} at step {self.step}; "
-                                 "update aborted before the optimizer step")
-        return dict(zip(LOSS_TERMS, (loss, pg_loss, v_loss, entropy, kl))), new_logprob
+        finite = loss.detach() + logits.detach().sum() * 0.0     # NaN/inf in any logit makes the sum so
+        return dict(zip(LOSS_TERMS, (loss, pg_loss, v_loss, entropy, kl)), finite=finite), new_logprob
 
     def _optimizer_step(self, exchange: PeerExchange | None) -> float:
         """Clip, check and apply the accumulated gradient; the new weights are the next version."""

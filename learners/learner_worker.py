@@ -10,7 +10,8 @@ import time
 import numpy as np
 import torch
 
-from learners.records import Rollout, UpdateStats, Weights
+from learners.inference import InferenceServer
+from learners.records import Rollout, ServedPolicy, UpdateStats, Weights
 from learners.checkpoint import tensors_from_bytes, tensors_to_bytes
 from learners.config import TrainConfig
 from learners.peer.client import PeerClient
@@ -28,6 +29,12 @@ def resolve_device(requested: str) -> str:
     return "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
+def serves_inference(cfg: TrainConfig, device: str) -> bool:
+    """--inference learner, or auto on a GPU (there batched inference is ~free beside the update; on a CPU it
+    would take the learner's cores)."""
+    return cfg.inference == "learner" or (cfg.inference == "auto" and device == "cuda")
+
+
 class LearnerWorker:
     def __init__(self, cfg: TrainConfig, learner_id: int, obs_shape: tuple[int, ...], obs_dtype: str, num_actions: int,
                  token: str | None = None):
@@ -42,13 +49,16 @@ class LearnerWorker:
         self.server, self.port = serve(self.learner, bind_host(cfg.grpc_host), port, self.security,
                                        interceptors=(self.telemetry.grpc_server_interceptor(),))
         self.clients: list[PeerClient] = []
+        self.inference = (InferenceServer(self.learner.agent, self.learner.device, cfg.num_actors,
+                                          timeout_s=cfg.rpc_timeout_s) if serves_inference(cfg, self.device) else None)
 
     def address(self) -> str:
         return f"{advertised_host(self.cfg.grpc_host)}:{self.port}"
 
     def info(self) -> dict:
         return {"id": self.id, "device": self.device, "pid": os.getpid(), "host": socket.gethostname(),
-                "address": self.address(), "metrics": self.telemetry.endpoint()}
+                "address": self.address(), "metrics": self.telemetry.endpoint(),
+                "inference": "actor" if self.inference is None else "learner"}
 
     def connect(self, addresses: dict[int, str]) -> None:
         self.clients = [PeerClient(pid, self.id, addr, self.cfg.rpc_timeout_s, self.security,
@@ -60,6 +70,21 @@ class LearnerWorker:
 
     def weights(self) -> Weights:
         return self.learner.weights()
+
+    def policy(self) -> Weights | ServedPolicy:
+        """What my rollout actors collect the next rollout with: my weights, or (learner-served inference) their
+        version, which I then serve."""
+        if self.inference is None:
+            return self.learner.weights()
+        self.inference.load(self.learner.step, self.learner.agent)
+        return ServedPolicy(self.id, self.learner.step)
+
+    def infer(self, version: int, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, values) for a rollout actor's observations, batched with my other actors' requests."""
+        if self.inference is None:
+            raise RuntimeError(f"learner {self.id} does not serve inference (--inference {self.cfg.inference}, "
+                               f"device {self.device})")
+        return self.inference.infer(version, obs)
 
     def update(self, plan: IterationPlan, *rollouts: Rollout) -> UpdateStats:
         started, step_before = time.perf_counter(), self.learner.step
@@ -84,10 +109,14 @@ class LearnerWorker:
     def load_state(self, data: bytes) -> int:
         state = tensors_from_bytes(data)
         self.learner.load_state_dict(state)
+        if self.inference is not None:
+            self.inference.reset()
         torch.set_rng_state(state["torch_rng"])
         return self.learner.step
 
     def stop(self) -> None:
+        if self.inference is not None:
+            self.inference.close()
         for client in self.clients:
             client.close()
         self.server.stop(grace=1.0).wait(5)

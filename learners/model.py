@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from learners.config import PRECISIONS
+
 
 def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
     nn.init.orthogonal_(layer.weight, std)
@@ -89,28 +91,40 @@ class MlpEncoder(nn.Module):
 
 
 class Agent(nn.Module):
-    """Encoder -> policy logits and state value."""
+    """Encoder -> policy logits and state value.
 
-    def __init__(self, encoder: nn.Module, num_actions: int):
+    With precision bf16 the encoder (nearly all the compute) runs under bfloat16 autocast, on CPU as on CUDA; the
+    weights, their gradients and Adam's state stay fp32, and the two small heads run in fp32 on fp32 features, so
+    log-probabilities and values keep fp32 resolution for the PPO ratio and the value loss."""
+
+    def __init__(self, encoder: nn.Module, num_actions: int, precision: str = "fp32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.encoder = encoder
         self.actor = layer_init(nn.Linear(encoder.out_features, num_actions), std=0.01)
         self.critic = layer_init(nn.Linear(encoder.out_features, 1), std=1.0)
+        self.precision = precision
+
+    def features(self, obs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(obs.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            hidden = self.encoder(obs)
+        return hidden.float()
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.encoder(obs)
+        hidden = self.features(obs)
         return self.actor(hidden), self.critic(hidden).squeeze(-1)
 
     def logits(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.actor(self.encoder(obs))
+        return self.actor(self.features(obs))
 
 
-def make_agent(obs_shape: tuple[int, ...], obs_dtype: str, num_actions: int) -> Agent:
+def make_agent(obs_shape: tuple[int, ...], obs_dtype: str, num_actions: int, precision: str = "fp32") -> Agent:
     """IMPALA-CNN for uint8 images (H, W, C), MLP for flat vectors."""
     if len(obs_shape) == 3 and np.dtype(obs_dtype) == np.uint8:
-        return Agent(ImpalaEncoder(tuple(obs_shape)), num_actions)
+        return Agent(ImpalaEncoder(tuple(obs_shape)), num_actions, precision)
     if len(obs_shape) == 1:
-        return Agent(MlpEncoder(obs_shape[0]), num_actions)
+        return Agent(MlpEncoder(obs_shape[0]), num_actions, precision)
     raise ValueError(f"no network for observations of shape {obs_shape} and dtype {obs_dtype}: "
                      "expected uint8 images (H, W, C) or flat vectors (D,)")
 

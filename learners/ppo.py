@@ -69,13 +69,14 @@ def kl_to_peer(peer_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (peer_logp.exp() * (peer_logp - logp)).sum(-1).mean()
 
 
-def ppo_diagnostics(new_logprob: torch.Tensor, old_logprob: torch.Tensor, clip_coef: float) -> tuple[float, float]:
-    """(approx KL to the behaviour policy, fraction of clipped ratios), without gradient."""
+def ppo_diagnostics(new_logprob: torch.Tensor, old_logprob: torch.Tensor,
+                    clip_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(approx KL to the behaviour policy, fraction of clipped ratios), without gradient, as 0-d tensors."""
     with torch.no_grad():
         logratio = new_logprob - old_logprob
         ratio = logratio.exp()
-        approx_kl = ((ratio - 1) - logratio).mean().item()
-        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean().item()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
     return approx_kl, clipfrac
 
 

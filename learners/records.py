@@ -1,4 +1,4 @@
-"""Data that crosses process boundaries: rollouts (actor -> learner), weights (learner -> actor), an update's
+"""Data that crosses process boundaries: rollouts (actor -> learner), weights or a served policy (learner -> actor), an update's
 statistics (learner -> coordinator) and a rollout actor's own report (actor -> coordinator).
 
 Plain dataclasses of numpy arrays, so Ray ships them through its object store without copies and
@@ -26,6 +26,14 @@ class Weights:
 
     def load_into(self, module: torch.nn.Module) -> None:
         module.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in self.state_dict.items()})
+
+
+@dataclass
+class ServedPolicy:
+    """What a rollout actor acts with under learner-served inference (--inference learner): its learner's weights
+    `version`, which the learner serves itself (learners/inference.py); no weights travel."""
+    learner_id: int
+    version: int
 
 
 @dataclass
@@ -122,6 +130,15 @@ class Batch:
     @property
     def size(self) -> int:
         return len(self.actions)
+
+    def to(self, device: torch.device) -> "Batch":
+        """The batch as torch tensors on `device` (a learner moves it once per update). On the CPU they share the
+        arrays' memory; to a GPU they go through pinned host memory with non-blocking copies, uint8 frames as they
+        are (a quarter of fp32's bytes)."""
+        def move(array: np.ndarray) -> torch.Tensor:
+            tensor = torch.from_numpy(array)
+            return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     @classmethod
     def from_rollouts(cls, rollouts: list[Rollout], gamma: float, gae_lambda: float) -> "Batch":

@@ -40,9 +40,9 @@ def peer_channel(address: str, peer_id: int = 0) -> grpc.Channel:
 class LearnerPair:
     """N learners with real gRPC servers on 127.0.0.1, wired to each other, in this process."""
 
-    def __init__(self, cfg: TrainConfig, obs_shape, obs_dtype, num_actions: int, security=None):
+    def __init__(self, cfg: TrainConfig, obs_shape, obs_dtype, num_actions: int, security=None, device: str = "cpu"):
         security = security or ChannelSecurity()
-        self.learners = [Learner(cfg, i, obs_shape, obs_dtype, num_actions) for i in range(cfg.num_learners)]
+        self.learners = [Learner(cfg, i, obs_shape, obs_dtype, num_actions, device) for i in range(cfg.num_learners)]
         self.servers, self.ports = [], []
         for learner in self.learners:
             server, port = serve(learner, "127.0.0.1", 0, security)

@@ -89,18 +89,19 @@ class Coordinator:
     def _start_learners(self) -> None:
         learner_opts, obs_shape, obs_dtype, num_actions = self._learner_args
         token = channel_token(self.cfg)     # read here, handed over, never stored
-        # max_concurrency 2: control calls (state, stop) are not stuck behind a blocked update
-        remote_learner = ray.remote(LearnerWorker).options(**learner_opts, max_concurrency=2)
+        # Threads: control calls (state, stop) are not stuck behind an update; each actor's inference call waits in one
+        threads = 2 + self.cfg.num_actors * (self.cfg.inference != "actor")
+        remote_learner = ray.remote(LearnerWorker).options(**learner_opts, max_concurrency=threads)
         self.learners = [remote_learner.remote(self.cfg, i, obs_shape, obs_dtype, num_actions, token)
                          for i in range(self.cfg.num_learners)]
         self.learner_info = wait_all([l.info.remote() for l in self.learners], self.hang_bounds.startup_seconds,
                                      "learner start-up")
         addresses = {info["id"]: info["address"] for info in self.learner_info}
         for info in self.learner_info:
-            log.info("learner %d: gRPC %s, device %s, pid %d", info["id"], info["address"], info["device"], info["pid"])
+            log.info("learner %d: gRPC %s, device %s, pid %d, inference on the %s", info["id"], info["address"],
+                     info["device"], info["pid"], info["inference"])
         if self.cfg.distilling:
-            wait_all([l.connect.remote(addresses) for l in self.learners], self.hang_bounds.startup_seconds,
-                     "learner connect")
+            wait_all([l.connect.remote(addresses) for l in self.learners], self.hang_bounds.startup_seconds, "learner connect")
 
     def _new_actor(self, learner: int, actor: int):
         return self._remote_actor.remote(self.cfg, learner, actor, actor_seed(self.cfg, learner, actor, self.iteration),
@@ -184,7 +185,8 @@ class Coordinator:
 
         1. the plan (learners/schedule.py): this iteration's shuffled minibatch order (the same for every learner),
            where the peers sync, the learning rate;
-        2. each learner's latest weights, as an object-store reference versioned by optimizer step;
+        2. each learner's latest weights, as an object-store reference versioned by optimizer step (or, with
+           learner-served inference, just that version: the learner runs its actors' policy itself);
         3. each learner's rollout actors collect `num_steps` steps with those weights (actors/rollout.py); the
            rollout references go straight to their learner, the driver never touches the frames; the driver waits
            until all are there, within the hang bound (learners/coordinator/failures.py: a hung actor is killed,
@@ -197,7 +199,7 @@ class Coordinator:
         """
         cfg, it = self.cfg, self.iteration
         plan = IterationPlan.for_iteration(cfg, it)
-        weights = [l.weights.remote() for l in self.learners]
+        weights = [l.policy.remote() for l in self.learners]
         # With the policy lag this iteration's rollouts were launched during the previous update.
         rollouts, reports = self.next_rollouts or self._collect(weights)
         self.next_rollouts = None
@@ -235,7 +237,7 @@ class Coordinator:
 
     def _collect(self, weights: list) -> tuple[list[list], list[list]]:
         """Every actor's next rollout (for its learner) and its own report (for me), as Ray references."""
-        refs = [[a.collect.remote(weights[i]) for a in self.actors[i]] for i in range(self.cfg.num_learners)]
+        refs = [[a.collect.remote(weights[i], learner) for a in self.actors[i]] for i, learner in enumerate(self.learners)]
         return [[r for r, _ in group] for group in refs], [[rep for _, rep in group] for group in refs]
 
     def _record(self, stats: list[UpdateStats]) -> dict:
