@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-deps smoke test test-fast protos clean
+.PHONY: setup system-deps smoke test test-fast protos gpu-check clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,13 @@ test: setup system-deps
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The GPU path on a machine with one NVIDIA GPU, in minutes, one table (learners/bench/gpu_check.py). It needs no
+# set-up of its own: the repository's .venv if there is one, else the machine's python3 with torch, numpy, grpcio,
+# grpcio-health-checking, protobuf and pytest (Ray and Procgen only for its training tier), and the gRPC stubs.
+GPU_PYTHON := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PYTHON) -m learners.bench.gpu_check $(GPU_CHECK_ARGS)
 
 # Regenerate the gRPC stubs by hand (the build does this too).
 protos: setup

@@ -22,7 +22,7 @@ from actors.envs import (ProcgenVectorEnv, get_reward_normalizer_state, is_procg
 from actors.evaluator import Evaluator
 from learners.records import ActorReport, Rollout, ServedPolicy, Weights
 from learners.config import TrainConfig
-from learners.model import make_agent, sample_actions
+from learners.model import make_agent, sample_actions, warn_if_emulated_bf16
 from learners.telemetry.actor import ActorTelemetry
 
 
@@ -64,6 +64,8 @@ class RolloutWorker:
                                    clip_reward=cfg.clip_reward, procgen_threads=1)   # steps and inference alternate
         obs_shape, obs_dtype, num_actions = obs_spec(self.env)
         self.agent = make_agent(obs_shape, obs_dtype, num_actions, cfg.precision)
+        if actor_id == 0:
+            warn_if_emulated_bf16(cfg.precision, "cpu", f"rollout actors of learner {learner_id}")
         self.agent.eval()
         self.version = -1
         self.obs, _ = self.env.reset(seed=seed)

@@ -18,6 +18,7 @@ from learners.peer.client import PeerClient
 from learners.peer.security import ChannelSecurity
 from learners.peer.service import serve
 from learners.learner import Learner, NonFiniteError
+from learners.model import warn_if_emulated_bf16
 from learners.schedule import IterationPlan
 from learners.telemetry.learner import LearnerTelemetry
 from learners.telemetry.metrics import advertised_host, bind_host
@@ -41,6 +42,7 @@ class LearnerWorker:
         torch.set_num_threads(cfg.learner_threads or max(1, int(cfg.learner_cpus)))
         self.cfg, self.id = cfg, learner_id
         self.device = resolve_device(cfg.device)
+        warn_if_emulated_bf16(cfg.precision, self.device, f"learner {learner_id}")
         self.learner = Learner(cfg, learner_id, obs_shape, obs_dtype, num_actions, self.device)
         port = cfg.grpc_port + learner_id if cfg.grpc_port else 0
         # The token comes as an argument, not in cfg, so it never lands in config.json or a log.
