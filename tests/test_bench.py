@@ -53,6 +53,30 @@ def test_tiny_bench_measures_every_stage_and_the_bounds_follow_from_them(tiny):
 
 
 @pytest.mark.slow
+def test_tiny_bench_served_inference_device_costs_and_sizing(tiny):
+    r, table, _ = tiny
+    cfg = bench_config("tiny")
+    s = r["stages"]
+    served = s["actor_served"]
+    assert positive(served["env_steps_per_second"]) and 0 < served["inference_fraction"] < 1
+    assert served["ratio_to_local"] == pytest.approx(served["env_steps_per_second"] / s["actor"]["env_steps_per_second"])
+    assert served["env_steps_per_second"] < s["env"]["env_steps_per_second"]
+    rows = r["device_costs"]["rows"]
+    assert {(c["device"], c["precision"], c["stage"]) for c in rows} >= {
+        ("cpu", "fp32", stage) for stage in ("update", "forward", "served inference")}
+    assert all(positive(c["samples_per_second"]) for c in rows)
+    update = next(c for c in rows if c["device"] == "cpu" and c["stage"] == "update")
+    z = next(z for z in r["device_costs"]["sizing"] if z["device"] == "cpu")
+    assert z["learner_env_steps_per_second"] == pytest.approx(update["samples_per_second"] / cfg.update_epochs)
+    assert z["actor_cores_local_inference"] == pytest.approx(z["learner_env_steps_per_second"]
+                                                             / s["actor"]["env_steps_per_second"])
+    assert z["actor_cores_served_inference"] < z["actor_cores_local_inference"]
+    for line in ("actor with learner-served inference", "served / local inference", "per-sample costs",
+                 "cores with local inference"):
+        assert line in table
+
+
+@pytest.mark.slow
 def test_tiny_bench_end_to_end_efficiency_and_scaling(tiny):
     r, _, _ = tiny
     for lag in ("off", "on"):

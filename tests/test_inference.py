@@ -102,7 +102,8 @@ def test_served_rollouts_equal_local_ones_through_ray(local_ray):
         assert isinstance(weights, Weights) and policy == ServedPolicy(0, 0)
         Actor = remote_rollout_worker().options(num_cpus=0)
         local, served = Actor.remote(cfg, 0, 0, 7), Actor.remote(cfg, 0, 0, 7)
-        (a, _), (b, _) = ray.get([local.collect.remote(weights), served.collect.remote(policy, learner)])
+        (a_ref, _), (b_ref, _) = local.collect.remote(weights), served.collect.remote(policy, learner)
+        a, b = ray.get([a_ref, b_ref])
         assert a.weights_version == b.weights_version == 0
         np.testing.assert_array_equal(a.actions, b.actions)
         np.testing.assert_array_equal(a.obs, b.obs)
@@ -111,6 +112,6 @@ def test_served_rollouts_equal_local_ones_through_ray(local_ray):
             np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6, err_msg=name)
         assert a.episode_returns.tolist() == b.episode_returns.tolist()
         with pytest.raises(ray.exceptions.RayTaskError, match="not served"):
-            ray.get(served.collect.remote(ServedPolicy(0, 5), learner))
+            ray.get(served.collect.remote(ServedPolicy(0, 5), learner)[0])
     finally:
         ray.get(learner.stop.remote())

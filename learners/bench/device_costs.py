@@ -28,7 +28,8 @@ from learners.learner import Learner
 from learners.model import make_agent
 from learners.schedule import IterationPlan
 
-PROCGEN_FRAMES = ((64, 64, 3), "uint8", 15)
+PROCGEN_FRAMES = (64, 64, 3)
+NUM_ACTIONS = 15
 
 
 @dataclass
@@ -61,38 +62,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def update_cost(cfg: TrainConfig, device: str, min_seconds: float) -> Cost:
+def update_cost(cfg: TrainConfig, device: str, min_seconds: float, min_reps: int = 3,
+                frames: tuple = PROCGEN_FRAMES) -> Cost:
     dev = torch.device(device)
-    learner = Learner(dataclasses.replace(cfg, alpha=0.0), 0, *PROCGEN_FRAMES, device=device)
-    rollout = synthetic_rollout(0, *PROCGEN_FRAMES, cfg.num_steps, cfg.num_envs, seed=0)
+    learner = Learner(dataclasses.replace(cfg, alpha=0.0), 0, frames, "uint8", NUM_ACTIONS, device=device)
+    rollout = synthetic_rollout(0, frames, "uint8", NUM_ACTIONS, cfg.num_steps, cfg.num_envs, seed=0)
     plan = IterationPlan.for_iteration(cfg, 0)
 
     def run():
         learner.update([rollout], plan)
         _sync(dev)
-    rate = _best(run, cfg.batch_size * cfg.update_epochs, min_seconds)
+    rate = _best(run, cfg.batch_size * cfg.update_epochs, min_seconds, min_reps)
     learner.close()
     return Cost(device, cfg.precision, "update", cfg.minibatch_size, rate)
 
 
 @torch.no_grad()
-def forward_cost(cfg: TrainConfig, device: str, batch: int, min_seconds: float) -> Cost:
+def forward_cost(cfg: TrainConfig, device: str, batch: int, min_seconds: float, min_reps: int = 3,
+                 frames: tuple = PROCGEN_FRAMES) -> Cost:
     dev = torch.device(device)
-    agent = make_agent(*PROCGEN_FRAMES, precision=cfg.precision).to(dev).eval()
-    obs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8))
+    agent = make_agent(frames, "uint8", NUM_ACTIONS, precision=cfg.precision).to(dev).eval()
+    obs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, *frames), dtype=np.uint8))
 
     def run():
         logits, values = agent(obs.to(dev))
         logits.cpu(), values.cpu()          # as an actor needs them: on the host
-    return Cost(device, cfg.precision, "forward", batch, _best(run, batch, min_seconds))
+    return Cost(device, cfg.precision, "forward", batch, _best(run, batch, min_seconds, min_reps))
 
 
-def served_cost(cfg: TrainConfig, device: str, clients: int, batch: int, min_seconds: float, steps: int = 8) -> Cost:
+def served_cost(cfg: TrainConfig, device: str, clients: int, batch: int, min_seconds: float, min_reps: int = 3,
+                frames: tuple = PROCGEN_FRAMES, steps: int = 8) -> Cost:
     """`clients` threads, each asking for `batch` states at a time, `steps` times per call."""
-    agent = make_agent(*PROCGEN_FRAMES, precision=cfg.precision).to(torch.device(device))
+    agent = make_agent(frames, "uint8", NUM_ACTIONS, precision=cfg.precision).to(torch.device(device))
     server = InferenceServer(agent, torch.device(device), clients)
     server.load(0, agent)
-    obs = np.random.default_rng(0).integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8)
+    obs = np.random.default_rng(0).integers(0, 256, (batch, *frames), dtype=np.uint8)
 
     def client():
         for _ in range(steps):
@@ -105,24 +109,26 @@ def served_cost(cfg: TrainConfig, device: str, clients: int, batch: int, min_sec
         for t in threads:
             t.join()
     try:
-        rate = _best(run, clients * batch * steps, min_seconds)
+        rate = _best(run, clients * batch * steps, min_seconds, min_reps)
     finally:
         server.close()
     return Cost(device, cfg.precision, "served inference", clients * batch, rate)
 
 
-def measure_costs(cfg: TrainConfig, device: str, precisions=("fp32", "bf16"), min_seconds: float = 1.0) -> list[Cost]:
-    """Every stage in every precision, interleaved per stage so the precisions meet the same machine state."""
+def measure_costs(cfg: TrainConfig, device: str, precisions=("fp32", "bf16"), min_seconds: float = 1.0,
+                  min_reps: int = 3, frames: tuple = PROCGEN_FRAMES) -> list[Cost]:
+    """Every stage in every precision, the precisions back to back per stage so they meet the same machine state."""
     rows = []
     for stage in ("update", "forward", "served inference"):
         for precision in precisions:
             c = dataclasses.replace(cfg, precision=precision)
+            timing = dict(min_seconds=min_seconds, min_reps=min_reps, frames=frames)
             if stage == "update":
-                rows.append(update_cost(c, device, min_seconds))
+                rows.append(update_cost(c, device, **timing))
             elif stage == "forward":
-                rows.append(forward_cost(c, device, c.envs_per_actor, min_seconds))
+                rows.append(forward_cost(c, device, c.envs_per_actor, **timing))
             else:
-                rows.append(served_cost(c, device, c.num_actors, c.envs_per_actor, min_seconds))
+                rows.append(served_cost(c, device, c.num_actors, c.envs_per_actor, **timing))
     return rows
 
 

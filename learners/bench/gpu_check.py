@@ -53,10 +53,12 @@ def check_prerequisites() -> None:
                  "here, or copy them from a checkout where `make setup` ran")
 
 
-def run_cuda_tests(out: Path) -> dict:
+def run_cuda_tests(out: Path, device: str) -> dict:
+    """tests/test_cuda.py, and on a GPU machine also the bf16 tests on its CPU (CI runs those itself)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                           "tests/test_cuda.py", "tests/test_precision.py"], cwd=REPO, capture_output=True, text=True)
+    files = ["tests/test_cuda.py"] + (["tests/test_precision.py"] if device == "cuda" else [])
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *files], cwd=REPO,
+                          capture_output=True, text=True)
     (out / "cuda_tests.log").write_text(proc.stdout + proc.stderr)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", proc.stdout)}
     return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0, **counts}
@@ -69,12 +71,14 @@ def run_costs(device: str, quick: bool) -> list:
     # The paper's minibatch (2048) and actor batch (its envs per actor); 1 epoch of 2 minibatches per update.
     cfg = preset("paper")
     shape = dict(num_steps=2048 * 2 // cfg.num_envs, num_minibatches=2, update_epochs=1)
-    if quick:
-        shape = dict(num_envs=8, num_steps=32, num_minibatches=2, update_epochs=1, microbatch_size=64)
+    if quick:     # the script's plumbing, not figures: tiny shapes, small frames, one timed repetition
+        shape = dict(num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, microbatch_size=32)
     if device == "cuda":
         shape["microbatch_size"] = 0     # the whole minibatch in one pass: memory is plenty
     cfg = dataclasses.replace(cfg, metrics_port=-1, **shape)     # a preset's values: validate() would import Procgen
-    return measure_costs(cfg, device, min_seconds=0.5 if quick else 2.0)
+    if quick:
+        return measure_costs(cfg, device, min_seconds=0.0, min_reps=1, frames=(16, 16, 3))
+    return measure_costs(cfg, device, min_seconds=2.0)
 
 
 def run_training(out: Path, device: str, quick: bool) -> dict:
@@ -133,7 +137,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "no GPU"
     result = {"machine": f"{gpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"}
     print("gpu-check: CUDA tests ...", flush=True)
-    result["tests"] = run_cuda_tests(out)
+    result["tests"] = run_cuda_tests(out, args.device)
     print("gpu-check: per-sample costs ...", flush=True)
     devices = [args.device] + (["cpu"] if args.device == "cuda" else [])
     result["costs"] = [dataclasses.asdict(c) for d in devices for c in run_costs(d, args.quick)]

@@ -37,6 +37,7 @@ import ray
 import torch
 
 from learners.bench.memory import MemorySampler, cpu_seconds_by_kind, own_peak_rss_bytes
+from learners.bench.device_costs import measure_costs
 from learners.bench.learner_stage import measure_learners
 from learners.bench.stages import BenchSize, measure_actor_stages
 from learners.config import TrainConfig, preset
@@ -166,6 +167,26 @@ def _memory(cfg: TrainConfig, spec, memory: MemorySampler, stages: dict, e2e: di
             "bench_process_peak_rss_bytes": own_peak_rss_bytes(), "sampler_cpu_seconds": memory.cpu_seconds}
 
 
+def device_cost_rows(cfg: TrainConfig, spec: BenchSize, stages: dict) -> dict:
+    """learners/bench/device_costs.py's figures on this machine's devices (bf16 beside fp32, except at the tiny
+    size), and what they mean for sizing: the rollout actor cores that keep one learner busy."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    precisions = ("fp32",) if spec is SIZES["tiny"] else ("fp32", "bf16")
+    shape = dict(num_steps=cfg.minibatch_size * 2 // cfg.num_envs, num_minibatches=2, update_epochs=1)
+    costs = [c for d in devices
+             for c in measure_costs(dataclasses.replace(cfg, **shape, microbatch_size=cfg.microbatch_size
+                                                        if d == "cpu" else 0), d, precisions,
+                                    min_seconds=spec.stage_seconds / 2)]
+    sizing = []
+    for c in costs:
+        if c.stage == "update":
+            consumed = c.samples_per_second / cfg.update_epochs      # env steps/s one learner trains on
+            sizing.append({"device": c.device, "precision": c.precision, "learner_env_steps_per_second": consumed,
+                           "actor_cores_local_inference": consumed / stages["actor"]["env_steps_per_second"],
+                           "actor_cores_served_inference": consumed / stages["env"]["env_steps_per_second"]})
+    return {"rows": [dataclasses.asdict(c) for c in costs], "sizing": sizing}
+
+
 def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | None = None,
               max_actors: int | None = None, scaling: bool = True, work_dir: str | None = None,
               log=print) -> dict:
@@ -199,6 +220,8 @@ def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | 
                 say("stage: learners (every sync schedule, PPO only, forward passes)")
                 learner = measure_learners(cfg, spec)
             stages["learner"] = learner.pop("learner")
+            say("stage: per-sample costs by device and precision")
+            out["device_costs"] = device_cost_rows(cfg, spec, stages)
             out.update(stages=stages, sync=learner["sync"], detached_cost=learner["detached_cost"],
                        exact_cost=learner["exact_cost"])
             out["bounds"] = _bounds(cfg, stages, cores)

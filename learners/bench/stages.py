@@ -1,5 +1,6 @@
 """`mdpo bench`'s actor stages, each run inside the Ray process it measures (same CPU reservation and thread
-counts as in training): one actor's env, the rollout actor, and the evaluator beside it. The learner stage is
+counts as in training): one actor's env, the rollout actor (local inference, and learner-served inference from a
+learner of its own), and the evaluator beside it. The learner stage is
 learners/bench/learner_stage.py; the figures are defined in learners/bench/measure.py's docstring."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ray
 from actors.rollout import RolloutWorker, env_spec, remote_rollout_worker
 from learners.bench.memory import MemorySampler
 from learners.config import TrainConfig, preset
+from learners.learner_worker import LearnerWorker
 from learners.model import make_agent
 from learners.records import Weights
 
@@ -52,18 +54,33 @@ def _probe_env_rate(worker: RolloutWorker, min_seconds: float) -> float:
     return _best_rate(window, min_seconds)
 
 
-def _probe_actor_rate(worker: RolloutWorker, weights: Weights, min_seconds: float) -> dict:
-    worker.collect(weights)                                    # warm-up (and loads the weights)
+def _probe_actor_rate(worker: RolloutWorker, weights, min_seconds: float, learner=None) -> dict:
+    """`weights`: Weights (local inference) or a ServedPolicy answered by `learner` (learner-served inference)."""
+    worker.collect(weights, learner)                           # warm-up (and loads the weights)
     seconds = {"collect": 0.0, "inference": 0.0}     # sums only: a rollout is dropped once timed
 
     def window():
-        rollout, _ = worker.collect(weights)
+        rollout, _ = worker.collect(weights, learner)
         seconds["collect"] += rollout.collect_seconds
         seconds["inference"] += rollout.inference_seconds
         return rollout.env_steps, rollout.collect_seconds
 
     rate = _best_rate(window, min_seconds, min_reps=2)
     return {"env_steps_per_second": rate, "inference_fraction": seconds["inference"] / seconds["collect"]}
+
+
+def _served_actor_rate(cfg: TrainConfig, actor, min_seconds: float) -> dict:
+    """The same actor with learner-served inference (--inference learner): its learner, on its own CPUs as in
+    training, runs the network; the actor steps its envs and waits for each step's answer over a Ray call."""
+    obs_shape, obs_dtype, num_actions = env_spec(cfg)
+    served_cfg = dataclasses.replace(cfg, inference="learner", alpha=0.0, num_actors=1)
+    learner = ray.remote(LearnerWorker).options(num_cpus=cfg.learner_cpus, max_concurrency=3).remote(
+        served_cfg, 0, obs_shape, obs_dtype, num_actions)
+    try:
+        policy = ray.get(learner.policy.remote())
+        return ray.get(actor.__ray_call__.remote(_probe_actor_rate, policy, min_seconds, learner))
+    finally:
+        ray.kill(learner)
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -82,6 +99,7 @@ def measure_actor_stages(cfg: TrainConfig, spec: BenchSize, memory: MemorySample
             actor_rate = ray.get(actor.__ray_call__.remote(_probe_actor_rate, weights, spec.stage_seconds))
             env_rate = ray.get(actor.__ray_call__.remote(_probe_env_rate, spec.stage_seconds))
             ray.get(actor.collect.remote(weights))           # the same work as below, without the evaluation
+            served_rate = _served_actor_rate(stage_cfg, actor, spec.stage_seconds)
         with memory.phase("actor_evaluating"):
             pending = actor.evaluate.remote(weights)
             collects = 0
@@ -94,6 +112,8 @@ def measure_actor_stages(cfg: TrainConfig, spec: BenchSize, memory: MemorySample
     pss = {phase: memory.summary(phase)["kinds"]["actor"]["peak_pss_bytes"] for phase in ("actor", "actor_evaluating")}
     return {"env": {"env_steps_per_second": env_rate, "envs": cfg.envs_per_actor},
             "actor": {**actor_rate, "envs": cfg.envs_per_actor, "steps_per_rollout": stage_cfg.num_steps},
+            "actor_served": {**served_rate, "ratio_to_local": served_rate["env_steps_per_second"]
+                             / actor_rate["env_steps_per_second"]},
             "evaluator": {"seconds": evaluation["seconds"], "episodes": len(evaluation["test_returns"]),
                           "env_steps": int(sum(evaluation["test_lengths"])), "collects_beside": collects,
                           "actor_peak_pss_bytes": pss["actor"], "evaluating_peak_pss_bytes": pss["actor_evaluating"],

@@ -33,7 +33,23 @@ def format_table(r: dict) -> str:
              f"{r['wall_seconds']:.0f} s", ""])
     for section in (_stage_rows, _end_to_end_rows, _sync_rows, _cost_rows, _memory_rows):
         section(t.row, r)
+    if "device_costs" in r:
+        t.lines.append("")
+        t.lines.append(_device_cost_lines(r))
     return "\n".join(t.lines)
+
+
+def _device_cost_lines(r: dict) -> str:
+    from learners.bench.device_costs import Cost, format_costs
+
+    lines = ["per-sample costs (learners/bench/device_costs.py; update = PPO, per sample and epoch):",
+             format_costs([Cost(**c) for c in r["device_costs"]["rows"]]),
+             "sizing: rollout actor cores that keep one learner busy (its env steps/s / one actor core's)"]
+    for z in r["device_costs"]["sizing"]:
+        lines.append(f"  {z['device']} {z['precision']}: learner trains on {z['learner_env_steps_per_second']:,.0f} "
+                     f"env steps/s; {z['actor_cores_local_inference']:.1f} cores with local inference, "
+                     f"{z['actor_cores_served_inference']:.1f} with learner-served inference (at the env-only rate)")
+    return "\n".join(lines)
 
 
 def _stage_rows(row, r: dict) -> None:
@@ -41,6 +57,10 @@ def _stage_rows(row, r: dict) -> None:
     row("env bound: 1 actor's vector env, random actions", s["env"]["env_steps_per_second"], "env steps/s")
     row("actor bound: 1 rollout actor incl. CPU inference", s["actor"]["env_steps_per_second"], "env steps/s")
     row("  share of the actor's time in inference", s["actor"]["inference_fraction"], "", "{:.2f}")
+    if "actor_served" in s:
+        row("actor with learner-served inference (1 learner on its own CPUs)", s["actor_served"]["env_steps_per_second"],
+            "env steps/s")
+        row("  served / local inference", s["actor_served"]["ratio_to_local"], "", "{:.2f}")
     row(f"learner bound: PPO + distillation ({c['distill_mode']}), per learner", s["learner"]["samples_per_second"],
         "samples/s")
     row(f"  bound of the actors ({min(c['num_learners'] * c['num_actors'], m['cores'])} at once)", b["actors"],
