@@ -7,6 +7,7 @@ observations stay in their native dtype (uint8 frames for Procgen).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -136,7 +137,9 @@ class Batch:
         arrays' memory; to a GPU they go through pinned host memory with non-blocking copies, uint8 frames as they
         are (a quarter of fp32's bytes)."""
         def move(array: np.ndarray) -> torch.Tensor:
-            tensor = torch.from_numpy(array)
+            with warnings.catch_warnings():    # a rollout's frames are Ray's read-only buffer: read, never written
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                tensor = torch.from_numpy(array)
             return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
         return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
