@@ -2,9 +2,22 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # Keep torch from oversubscribing the 2-core CI machine when several learners share a process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for the tests of one module (imported here, not at the top: tests/test_cuda.py runs where Ray is
+    not installed)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -60,13 +60,6 @@ def _raise(err: BaseException):
     raise err
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_through_ray_the_cause_keeps_its_type_and_decides_recovery(local_ray):
     recover = {"SyncError": True, "SyncTimeout": True, "ProtocolError": False, "PeerCallError:DEADLINE_EXCEEDED": True,
                "PeerCallError:INVALID_ARGUMENT": False, "NonFiniteError": False, "HangDetected": True,

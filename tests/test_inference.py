@@ -84,13 +84,6 @@ def test_two_versions_are_served_for_the_policy_lag_and_the_oldest_makes_room():
         server.close()
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_served_rollouts_equal_local_ones_through_ray(local_ray):
     """Two actors with the same seed, one acting with shipped weights, one with its learner's served inference:
     the same actions, log-probs and values (and so the same rewards and episodes)."""
