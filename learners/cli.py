@@ -9,10 +9,10 @@ import json
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 
 from learners.config import PRESETS, RESUME_MAY_CHANGE, ConfigError, TrainConfig, field_parser, parse_bool, preset
+from learners.training import default_run_dir
 
 log = logging.getLogger("mdpo")
 
@@ -96,7 +96,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
         cfg = dataclasses.replace(TrainConfig.load(run_dir / "config.json"), **overrides)
     else:
         cfg = dataclasses.replace(preset(args.preset) if args.preset else TrainConfig(), **overrides)
-        run_dir = Path(cfg.run_dir or f"runs/{cfg.env_id.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = default_run_dir(cfg)
     cfg.run_dir = str(run_dir)
     cfg.validate()
     return cfg, run_dir
@@ -119,23 +119,18 @@ def _progress_bar(cfg: TrainConfig, start_steps: int):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from learners.coordinator.cluster import preflight
     from learners.coordinator.loop import Coordinator, RunStopped, TrainingDiverged
-    from learners.coordinator.outputs import prior_run
+    from learners.training import prepare
 
     try:
         cfg, run_dir = resolve_config(args)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
-        found = "resume" if args.resume else prior_run(cfg, run_dir)
+        found = prepare(cfg, run_dir, resume=bool(args.resume))
         if found == "finished":
             print(f"{run_dir} holds this run, finished ({cfg.num_iterations} iterations): nothing to do")
             return 0
-        if found == "resume" and not args.resume:
-            log.warning("%s holds this run with a checkpoint: resuming it (the same command run again continues "
-                        "where it stopped)", run_dir)
-        preflight(cfg)
     except ConfigError as err:
         print(f"mdpo train: error: {err}", file=sys.stderr)
         return 2

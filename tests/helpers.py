@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import grpc
+import pytest
 import torch
 
 from learners.bench.synthetic import synthetic_rollout  # noqa: F401  (the tests' batches, as the bench's)
@@ -133,3 +136,30 @@ def make_certificates(directory, hosts=("127.0.0.1", "localhost")):
 
 # (fault, injected, survived, transitions lost) rows filled by tests/test_faults.py, printed by conftest.
 FAULT_REPORT: list[tuple[str, int, int, int]] = []
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] as TensorBoard shows them (purged events dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def check_tensorboard_matches_metrics(run_dir: Path) -> dict:
+    """Every metrics.jsonl record is in the event files once, at its env steps per agent, with its values."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scalars = read_scalars(run_dir)
+    expected: dict[str, list[tuple[int, float]]] = {}
+    from learners.coordinator.tensorboard import scalars_of
+
+    for r in records:
+        for tag, value in scalars_of(r).items():
+            expected.setdefault(tag, []).append((r["env_steps"], value))
+    assert set(scalars) == set(expected), set(scalars) ^ set(expected)
+    for tag, points in expected.items():
+        got = scalars[tag]
+        assert [s for s, _ in got] == [s for s, _ in points], f"{tag}: steps {[s for s, _ in got]}"
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), tag
+    return scalars

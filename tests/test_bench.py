@@ -89,6 +89,7 @@ def test_tiny_bench_end_to_end_efficiency_and_scaling(tiny):
         cpu = e["cpu_seconds_per_1000_steps"]
         assert {"driver", "learner", "actor"} <= set(cpu) and all(positive(v) for v in cpu.values())
         assert 0 < e["cpu_utilization"] <= 1.05            # CPU used in the window <= wall x cores
+        assert positive(e["tensorboard_seconds_per_iteration"]) and 0 < e["tensorboard_fraction"] < 1
         assert e["efficiency"] == pytest.approx(e["env_steps_per_second"] / r["bounds"]["bound"])
         assert e["efficiency_vs_shared_cores"] == pytest.approx(e["env_steps_per_second"] /
                                                                 r["bounds"]["shared_core_bound"])

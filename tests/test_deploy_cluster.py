@@ -205,7 +205,7 @@ print(json.dumps({"status": str(info.status.value), "entrypoint": info.entrypoin
 """
 
 BATCH = 1024              # cartpole preset: 8 envs x 128 steps
-ITERATIONS = 8
+ITERATIONS = 6
 CUT_AFTER = 2             # iterations logged before the learner host is partitioned
 HANG_TIMEOUT_S = 12       # the coordinator's bound (--hang-timeout-s); the peers' gRPC deadline is 8 s
 FAILURE_LINE = re.compile(r"^(\S+ \S+) ERROR mdpo: iteration \d+ failed .*$", re.M)

@@ -21,7 +21,7 @@ import torch
 from learners.config import TrainConfig
 from learners.learner import Learner, NonFiniteError
 from learners.schedule import IterationPlan
-from tests.helpers import FAULT_REPORT, synthetic_rollout
+from tests.helpers import FAULT_REPORT, check_tensorboard_matches_metrics, synthetic_rollout
 
 BATCH = 1024          # cartpole preset: 8 envs x 128 steps
 
@@ -84,6 +84,7 @@ def check_exact_accounting(run_dir: Path, iterations: int) -> dict:
     assert summary["env_steps"]["per_agent"] == [iterations * BATCH] * 2
     assert [r["iteration"] for r in log] == list(range(1, iterations + 1)), "an iteration was lost or logged twice"
     assert [r["env_steps"] for r in log] == [BATCH * i for i in range(1, iterations + 1)]
+    check_tensorboard_matches_metrics(run_dir)      # rolled-back iterations purged there too: no step twice
     return summary
 
 

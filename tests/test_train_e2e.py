@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import check_tensorboard_matches_metrics
+
 pytestmark = pytest.mark.slow
 
 
@@ -76,3 +78,4 @@ def test_resume_continues_to_the_requested_total_and_alpha_zero_is_independent_p
     assert [r["iteration"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert [r["env_steps"] for r in log] == [1024 * i for i in range(1, 7)]
     assert log[3]["learners"][0]["step"] == 4 * 16       # optimizer steps continue from the checkpoint
+    check_tensorboard_matches_metrics(run)    # the resumed run appended its event files: every step once

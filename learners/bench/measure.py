@@ -111,6 +111,10 @@ def measure_end_to_end(cfg: TrainConfig, iterations: int, run_dir: Path, sampler
             "sync_fraction": sum(l["sync_seconds"] for l in learners) / update,
             # Of which blocked in the first optimizer step: mostly waiting for the peer to start its update.
             "sync_first_step_fraction": sum(l["sync_first_step_seconds"] for l in learners) / update,
+            # The driver's TensorBoard writing (learners/coordinator/tensorboard.py), per iteration and as a share
+            # of the iteration: it runs between iterations, on the loop's critical path.
+            "tensorboard_seconds_per_iteration": coordinator.metrics.tensorboard.seconds / len(records),
+            "tensorboard_fraction": coordinator.metrics.tensorboard.seconds / records[-1]["wall_seconds"],
             "policy_lag": cfg.policy_lag, "actors_per_learner": cfg.num_actors}
 
 

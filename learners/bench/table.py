@@ -83,6 +83,9 @@ def _end_to_end_rows(row, r: dict) -> None:
         row("  CPU seconds per 1000 env steps (all processes)", sum(cpu.values()), "s: " + ", ".join(
             f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])), "{:.1f}")
         row("  CPU utilization of the machine's cores", e["cpu_utilization"], "", "{:.2f}")
+        if "tensorboard_seconds_per_iteration" in e:
+            row("  TensorBoard writing in the driver, per iteration", 1000 * e["tensorboard_seconds_per_iteration"],
+                f"ms ({100 * e['tensorboard_fraction']:.2f}% of the run's wall time)", "{:.1f}")
 
 
 def _sync_rows(row, r: dict) -> None:

@@ -39,7 +39,7 @@ class Coordinator:
         self.cfg = with_run_id(cfg, self.run_dir)      # the run_id label of every Prometheus metric of the run
         self.telemetry = CoordinatorTelemetry(self.cfg, self.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.run_dir)      # metrics.jsonl and TensorBoard
         self.learners: list = []
         self.actors: list[list] = []
         self.iteration = 0
@@ -82,7 +82,7 @@ class Coordinator:
         if self.resume:
             self._restore()
         else:
-            self.metrics.path.unlink(missing_ok=True)
+            self.metrics.start()
             self.checkpoint(0.0)    # iteration 0: every failure has a checkpoint to roll back to
         self.telemetry.attach(self.progress())   # serve /metrics, write the Prometheus targets files
 
@@ -126,6 +126,7 @@ class Coordinator:
         for handle in [a for group in self.actors for a in group] + self.learners:
             ray.kill(handle)
         self.learners, self.actors = [], []
+        self.metrics.close()
         self.telemetry.close(clean=self.stop_signal is not None or self.iteration >= self.cfg.num_iterations
                              or self.error is not None)
         if self.owns_ray:
@@ -264,8 +265,7 @@ class Coordinator:
         if not is_process_failure(err):
             raise err    # a bug or bad input, not a dead process: retrying would fail the same way
         self.failures += 1
-        hung = is_hang(err)
-        self.hangs += hung
+        self.hangs += (hung := is_hang(err))
         log.error("iteration %d failed (%s%s: %s); failure %d of at most %d: restarting learners from the latest "
                   "checkpoint", self.iteration + 1, "hang, " if hung else "", type(cause or err).__name__,
                   str(cause or err).splitlines()[0][:300], self.failures, self.cfg.max_failures)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from learners.coordinator.tensorboard import TensorBoardLog
+
 
 def summarize(values: list[float]) -> dict:
     if not values:
@@ -21,14 +23,24 @@ def generalization_gap(train: float | None, test: float | None) -> float | None:
 
 
 class MetricsLog:
-    """metrics.jsonl: appended once per iteration, cut back to a checkpoint's iteration on a rollback."""
+    """The per-iteration records: metrics.jsonl, appended once per iteration and cut back to a checkpoint's iteration
+    on a rollback, and the same records as TensorBoard scalars (learners/coordinator/tensorboard.py)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tensorboard = TensorBoardLog(run_dir) if tensorboard else None
+
+    def start(self) -> None:
+        """A new run: no records yet."""
+        self.path.unlink(missing_ok=True)
+        if self.tensorboard:
+            self.tensorboard.open(0)
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            self.tensorboard.write(record)
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -37,10 +49,15 @@ class MetricsLog:
 
     def truncate(self, iteration: int) -> None:
         """Keep the records up to `iteration`: those past a checkpoint would be counted twice once redone."""
+        kept = [r for r in self.records() if r["iteration"] <= iteration]
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= iteration]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.tensorboard:
+            self.tensorboard.open(kept[-1]["env_steps"] if kept else 0)
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 def iteration_record(iteration: int, env_steps: list[int], stats: list, returns: list, last_eval: list,

@@ -108,10 +108,34 @@ def load_run(path: Path) -> Run:
         config = TrainConfig.load(path / "config.json")
     except (OSError, ValueError, TypeError) as err:
         raise ConfigError(f"{path / 'config.json'}: cannot load the run's config ({err})") from None
-    metrics = path / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    return Run(path, config, records, _read_json(path / "summary.json"), _read_json(path / CELL_FILE),
+    return Run(path, config, read_records(path), _read_json(path / "summary.json"), _read_json(path / CELL_FILE),
                _read_json(path / ANALYSIS_DIR / ANALYSIS_FILE))
+
+
+def read_records(path: Path) -> list[dict]:
+    """A run's per-iteration records: metrics.jsonl, else (a run directory that kept only its event files) the
+    train and test returns of its TensorBoard event files, in metrics.jsonl's shape."""
+    metrics = path / "metrics.jsonl"
+    if metrics.exists():
+        return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    from learners.coordinator.tensorboard import LEARNER_TAGS, TENSORBOARD_DIR
+
+    if not (path / TENSORBOARD_DIR).is_dir():
+        return []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(path / TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+    by_step: dict[int, dict[int, dict]] = {}       # env steps -> agent -> fields
+    for field in ("train_return", "test_return"):
+        prefix = LEARNER_TAGS[field] + "/agent"
+        for tag in events.Tags()["scalars"]:
+            if tag.startswith(prefix) and tag[len(prefix):].isdigit():
+                for event in events.Scalars(tag):
+                    by_step.setdefault(event.step, {}).setdefault(int(tag[len(prefix):]), {})[field] = event.value
+    return [{"iteration": i + 1, "env_steps": step,
+             "learners": [{"id": agent, **fields} for agent, fields in sorted(by_step[step].items())]}
+            for i, step in enumerate(sorted(by_step))]
 
 
 def load_runs(root: Path) -> list[Run]:
