@@ -138,22 +138,14 @@ def make_certificates(directory, hosts=("127.0.0.1", "localhost")):
 FAULT_REPORT: list[tuple[str, int, int, int]] = []
 
 
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] as TensorBoard shows them (purged events dropped)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
 def check_tensorboard_matches_metrics(run_dir: Path) -> dict:
-    """Every metrics.jsonl record is in the event files once, at its env steps per agent, with its values."""
+    """Every metrics.jsonl record is in the event files once, at its env steps per agent, with its values (read
+    with TensorBoard's own EventAccumulator)."""
+    from learners.coordinator.tensorboard import read_scalars, scalars_of
+
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     scalars = read_scalars(run_dir)
     expected: dict[str, list[tuple[int, float]]] = {}
-    from learners.coordinator.tensorboard import scalars_of
-
     for r in records:
         for tag, value in scalars_of(r).items():
             expected.setdefault(tag, []).append((r["env_steps"], value))

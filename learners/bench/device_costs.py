@@ -132,12 +132,6 @@ def measure_costs(cfg: TrainConfig, device: str, precisions=("fp32", "bf16"), mi
     return rows
 
 
-def actor_cores_per_learner(update: Cost, epochs: int, env_steps_per_core: float) -> float:
-    """Rollout actor cores that keep one learner busy: the env steps/s it consumes (each sample is used `epochs`
-    times) over what one actor core steps."""
-    return update.samples_per_second / epochs / env_steps_per_core
-
-
 def format_costs(rows: list[Cost]) -> str:
     lines = [f"{'device':7s} {'precision':9s} {'stage':17s} {'batch':>6s} {'samples/s':>11s} {'us/sample':>10s}"]
     for r in rows:

@@ -26,21 +26,19 @@ class MetricsLog:
     """The per-iteration records: metrics.jsonl, appended once per iteration and cut back to a checkpoint's iteration
     on a rollback, and the same records as TensorBoard scalars (learners/coordinator/tensorboard.py)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tensorboard = TensorBoardLog(run_dir) if tensorboard else None
+        self.tensorboard = TensorBoardLog(run_dir)
 
     def start(self) -> None:
         """A new run: no records yet."""
         self.path.unlink(missing_ok=True)
-        if self.tensorboard:
-            self.tensorboard.open(0)
+        self.tensorboard.open(0)
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tensorboard:
-            self.tensorboard.write(record)
+        self.tensorboard.write(record)
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -52,12 +50,10 @@ class MetricsLog:
         kept = [r for r in self.records() if r["iteration"] <= iteration]
         if self.path.exists():
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        if self.tensorboard:
-            self.tensorboard.open(kept[-1]["env_steps"] if kept else 0)
+        self.tensorboard.open(kept[-1]["env_steps"] if kept else 0)
 
     def close(self) -> None:
-        if self.tensorboard:
-            self.tensorboard.close()
+        self.tensorboard.close()
 
 
 def iteration_record(iteration: int, env_steps: list[int], stats: list, returns: list, last_eval: list,

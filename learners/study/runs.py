@@ -118,21 +118,18 @@ def read_records(path: Path) -> list[dict]:
     metrics = path / "metrics.jsonl"
     if metrics.exists():
         return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    from learners.coordinator.tensorboard import LEARNER_TAGS, TENSORBOARD_DIR
+    from learners.coordinator.tensorboard import LEARNER_TAGS, TENSORBOARD_DIR, read_scalars
 
     if not (path / TENSORBOARD_DIR).is_dir():
         return []
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(path / TENSORBOARD_DIR), size_guidance={"scalars": 0})
-    events.Reload()
+    scalars = read_scalars(path)
     by_step: dict[int, dict[int, dict]] = {}       # env steps -> agent -> fields
     for field in ("train_return", "test_return"):
         prefix = LEARNER_TAGS[field] + "/agent"
-        for tag in events.Tags()["scalars"]:
+        for tag, points in scalars.items():
             if tag.startswith(prefix) and tag[len(prefix):].isdigit():
-                for event in events.Scalars(tag):
-                    by_step.setdefault(event.step, {}).setdefault(int(tag[len(prefix):]), {})[field] = event.value
+                for step, value in points:
+                    by_step.setdefault(step, {}).setdefault(int(tag[len(prefix):]), {})[field] = value
     return [{"iteration": i + 1, "env_steps": step,
              "learners": [{"id": agent, **fields} for agent, fields in sorted(by_step[step].items())]}
             for i, step in enumerate(sorted(by_step))]
