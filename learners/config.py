@@ -141,6 +141,15 @@ class TrainConfig:
     """Where the coordinator writes `<run id>.json`, the Prometheus file_sd list of this run's endpoints (default: `prometheus/` beside the run directory, e.g. runs/prometheus/)."""
     run_id: str = ""
     """The `run_id` label of every metric (default: the run directory's name)."""
+    # --- experiment trackers (learners/tracking/; TensorBoard event files are always written) ---
+    track: str = ""
+    """Also send the run to these trackers, comma-separated: `wandb` (Weights & Biases; WANDB_MODE=offline works with no network), `mlflow`. Each gets an iteration once a checkpoint covers it, so a rollback never leaves it a history metrics.jsonl does not have. Needs `pip install "mdpo[wandb]"` / `"mdpo[mlflow]"`."""
+    track_project: str = "mdpo"
+    """The W&B project and the MLflow experiment of the run."""
+    track_group: str = ""
+    """Gathers runs: the W&B group, the MLflow parent run (nested runs). A sweep sets <runs dir>/<game>/<method>, so a cell's seeds are one group."""
+    mlflow_tracking_uri: str = ""
+    """Where MLflow runs go: a server (http://host:5000), a database URI, or a file store (file:/path); default $MLFLOW_TRACKING_URI, else the file store mlruns/ beside the run directory (e.g. runs/mlruns)."""
 
     # ----------------------------------------------------------------- derived
     @property
@@ -229,6 +238,9 @@ class TrainConfig:
             raise ConfigError(f"--inference must be one of {', '.join(INFERENCE_MODES)}, got {self.inference!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        from learners.tracking import tracker_names   # deferred: a cycle (learners.tracking reads TrainConfig)
+
+        tracker_names(self.track)
 
     def _check_channel(self) -> None:
         top = 65535 - (1 + 2 * self.num_learners + self.num_learners * self.num_actors)   # telemetry.ports_needed
@@ -274,7 +286,8 @@ def _flag(name: str) -> str:
 # differ from the sweep's in them.
 PLACEMENT_FIELDS = frozenset({"run_dir", "ray_address", "progress", "checkpoint_every", "device", "run_id",
                               "metrics_host", "metrics_port", "metrics_sd_dir", "hang_timeout_s", "hang_floor_s",
-                              "grpc_allow_insecure", "grpc_token_file", "inference"})
+                              "grpc_allow_insecure", "grpc_token_file", "inference", "track", "track_project",
+                              "track_group", "mlflow_tracking_uri"})
 # `mdpo train --resume RUN_DIR` may also change the budget (the run directory is RUN_DIR itself).
 RESUME_MAY_CHANGE = (PLACEMENT_FIELDS | {"total_steps"}) - {"run_dir"}
 

@@ -26,6 +26,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> str:
     and the checks that need the machine or network, before anything starts."""
     from learners.coordinator.cluster import preflight
     from learners.coordinator.outputs import prior_run
+    from learners.tracking import preflight as tracking_preflight
 
     found = "resume" if resume else prior_run(cfg, run_dir)
     if found == "resume" and not resume:
@@ -33,6 +34,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> str:
                     "where it stopped)", run_dir)
     if found != "finished":
         preflight(cfg)
+        tracking_preflight(cfg, run_dir)
     return found
 
 

@@ -22,6 +22,7 @@ from learners.config import TrainConfig
 from learners.learner import Learner, NonFiniteError
 from learners.schedule import IterationPlan
 from tests.helpers import FAULT_REPORT, check_tensorboard_matches_metrics, synthetic_rollout
+from tests.tracker_readers import check_trackers_match_metrics
 
 BATCH = 1024          # cartpole preset: 8 envs x 128 steps
 
@@ -29,7 +30,8 @@ BATCH = 1024          # cartpole preset: 8 envs x 128 steps
 def start(run_dir: Path, *args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "learners.cli", "train", "--preset", "cartpole", "--eval-every", "0",
            "--run-dir", str(run_dir), "--progress", "false", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "WANDB_MODE": "offline"})     # for the runs with --track wandb
 
 
 def iterations_logged(run_dir: Path) -> int:
@@ -139,7 +141,7 @@ def test_driver_killed_then_the_same_command_resumes_from_last_good_checkpoint(t
     """After a driver SIGKILL (and a torn newest checkpoint), the identical command, as a retried job or KubeRay
     runs it, continues the run; once finished it exits at once; another config in that directory is refused."""
     run = tmp_path / "driver"
-    args = ("--total-steps", str(12 * BATCH), "--checkpoint-every", "2")
+    args = ("--total-steps", str(12 * BATCH), "--checkpoint-every", "2", "--track", "wandb,mlflow")
     proc = start(run, *args)
     try:
         wait_for(lambda: (run / "checkpoints" / "ckpt-000004" / "manifest.json").exists(), 240, proc, "checkpoint 4")
@@ -156,6 +158,9 @@ def test_driver_killed_then_the_same_command_resumes_from_last_good_checkpoint(t
     assert f"{damaged}: checksum mismatch" in out                    # names the broken file
     assert "resuming it" in out and "resumed from" in out
     summary = check_exact_accounting(run, 12)
+    # The trackers hold exactly metrics.jsonl too: the iterations they had past the checkpoint resumed from (the
+    # torn one was newer) went to a new run of each, with the whole history.
+    check_trackers_match_metrics(run)
     kept = {p: p.read_bytes() for p in [run / "metrics.jsonl", run / "summary.json"]}
 
     third = start(run, *args)                     # finished: exits at once, changes nothing

@@ -155,13 +155,22 @@ def test_metric_names_follow_prometheus_conventions(tmp_path):
                     assert s.labels["learner_id"] == "0"
 
 
-def test_dashboard_json_is_generated_and_complete():
+def dashboard_module():
     spec = importlib.util.spec_from_file_location("mdpo_dashboard", GRAFANA_DIR / "dashboard.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_dashboard_json_is_generated_and_complete():
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    module = dashboard_module()
+    assert isinstance(module.build(), Dashboard), "built with Grafana's SDK"
     assert DASHBOARD.read_text() == module.render(), "run `python deploy/grafana/dashboard.py` after editing it"
     board = json.loads(DASHBOARD.read_text())
     assert board["title"] == "MDPO training" and board["uid"] == "mdpo-training"
+    assert (board["refresh"], board["time"], board["graphTooltip"]) == ("10s", {"from": "now-1h", "to": "now"}, 1)
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
     titles = " | ".join(p["title"].lower() for p in board["panels"])
@@ -178,6 +187,40 @@ def test_dashboard_json_is_generated_and_complete():
         for target in panel["targets"]:
             assert set(re.findall(r"\$\w+", target["expr"])) <= {"$run_id", "$__rate_interval"}, target["expr"]
             assert '{run_id=~"$run_id"' in target["expr"], target["expr"]
+
+
+def test_dashboard_is_the_panels_table_laid_out_on_the_grid():
+    """The JSON is PANELS, row by row in order: every title, type, unit, description and query (refIds A, B...), the
+    rows open with their panels after them, no two panels overlapping on Grafana's 24-column grid."""
+    module, board = dashboard_module(), json.loads(DASHBOARD.read_text())
+    expected = []
+    for row_title, row in module.PANELS:
+        expected.append(("row", row_title, None, None, []))
+        expected += [(kind, title, unit, description, [(chr(ord("A") + i), expr, legend, True, False)
+                                                       for i, (expr, legend) in enumerate(targets)])
+                     for title, kind, unit, description, targets in row]
+    assert [(p["type"], p["title"], p.get("fieldConfig", {}).get("defaults", {}).get("unit"), p.get("description"),
+             [(t["refId"], t["expr"], t["legendFormat"], t["range"], t["instant"]) for t in p.get("targets", [])])
+            for p in board["panels"]] == expected
+    assert all(not p["collapsed"] and p["panels"] == [] for p in board["panels"] if p["type"] == "row")
+    cells = {}
+    for panel in board["panels"]:
+        g = panel["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, panel["title"]
+        for cell in ((x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])):
+            assert cell not in cells, f"{panel['title']} overlaps {cells[cell]}"
+            cells[cell] = panel["title"]
+    by_title = {p["title"]: p for p in board["panels"]}
+    (override,) = by_title["Actors: rollout time and inference share"]["fieldConfig"]["overrides"]
+    assert override == {"matcher": {"id": "byRegexp", "options": "inference share.*"}, "properties": [
+        {"id": "custom.axisPlacement", "value": "right"}, {"id": "unit", "value": "percentunit"}]}
+    thresholds = by_title["Seconds since last progress"]["fieldConfig"]["defaults"]["thresholds"]
+    assert thresholds == {"mode": "absolute", "steps": [
+        {"color": "green", "value": None}, {"color": "orange", "value": 120}, {"color": "red", "value": 300}]}
+    run_id = board["templating"]["list"][1]
+    assert run_id["name"] == "run_id" and run_id["type"] == "query" and run_id["multi"] and run_id["includeAll"]
+    assert run_id["query"]["query"] == "label_values(mdpo_coordinator_iteration, run_id)"
+    assert [a["name"] for a in board["annotations"]["list"] if a.get("builtIn") == 1] == ["Annotations & Alerts"]
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():

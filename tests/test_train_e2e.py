@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import check_tensorboard_matches_metrics
+from tests.tracker_readers import check_trackers_match_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -66,11 +67,13 @@ def test_procgen_smoke_writes_run_directory(tmp_path):
 
 def test_resume_continues_to_the_requested_total_and_alpha_zero_is_independent_ppo(tmp_path):
     run = tmp_path / "resume"
-    common = ("--preset", "cartpole", "--alpha", "0", "--eval-every", "0", "--checkpoint-every", "2")
-    mdpo("train", *common, "--total-steps", "3072", "--run-dir", str(run))          # 3 iterations of 1024
+    common = ("--preset", "cartpole", "--alpha", "0", "--eval-every", "0", "--checkpoint-every", "2",
+              "--track", "wandb,mlflow")
+    offline = {"WANDB_MODE": "offline"}
+    mdpo("train", *common, "--total-steps", "3072", "--run-dir", str(run), env=offline)   # 3 iterations of 1024
     first = json.loads((run / "summary.json").read_text())
     assert first["iterations"] == 3 and first["syncs"] == 0 and first["sync_bytes_sent"] == 0
-    mdpo("train", "--resume", str(run), "--total-steps", "6144")
+    mdpo("train", "--resume", str(run), "--total-steps", "6144", env=offline)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] and summary["iterations"] == 6
     assert summary["env_steps"]["per_agent"] == [6144, 6144]
@@ -79,3 +82,5 @@ def test_resume_continues_to_the_requested_total_and_alpha_zero_is_independent_p
     assert [r["env_steps"] for r in log] == [1024 * i for i in range(1, 7)]
     assert log[3]["learners"][0]["step"] == 4 * 16       # optimizer steps continue from the checkpoint
     check_tensorboard_matches_metrics(run)    # the resumed run appended its event files: every step once
+    wb, _ = check_trackers_match_metrics(run)    # and continued its W&B and MLflow runs: every step once
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2 and wb["exit_codes"] == [0, 0]

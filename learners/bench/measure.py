@@ -92,7 +92,7 @@ def measure_end_to_end(cfg: TrainConfig, iterations: int, run_dir: Path, sampler
         coordinator.run(snapshot)
     finally:
         coordinator.shutdown()
-    records = coordinator.records()
+    records = coordinator.metrics.records()
     rate, steady = steady_rate(records, cfg.policy_lag)
     learners = [l for r in steady for l in r["learners"]]
     update = sum(l["update_seconds"] for l in learners)

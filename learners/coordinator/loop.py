@@ -39,7 +39,7 @@ class Coordinator:
         self.cfg = with_run_id(cfg, self.run_dir)      # the run_id label of every Prometheus metric of the run
         self.telemetry = CoordinatorTelemetry(self.cfg, self.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.metrics = MetricsLog(self.run_dir)      # metrics.jsonl and TensorBoard
+        self.metrics = MetricsLog(self.run_dir, self.cfg)    # metrics.jsonl, TensorBoard, --track trackers
         self.learners: list = []
         self.actors: list[list] = []
         self.iteration = 0
@@ -290,7 +290,7 @@ class Coordinator:
         self._restore()
 
     # ------------------------------------------------------ checkpointing
-    def checkpoint(self, wall_seconds: float) -> Path:
+    def checkpoint(self, wall_seconds: float) -> None:
         learner_states = self._get([l.state.remote() for l in self.learners], "learner state")
         # Each actor's state after the last rollout a learner consumed, from its ActorReport: no call to the actors
         # (a hung one cannot hold up the checkpoint), and with the policy lag exactly what the counted rollouts left
@@ -301,7 +301,8 @@ class Coordinator:
                  "last_eval": self.evals.last, "sync_totals": self.sync_totals, "wall_seconds": wall_seconds,
                  "actors": actor_states, "actor_restarts": self.book.restarts, "failures": self.failures,
                  "hangs": self.hangs}
-        return save_checkpoint(self.ckpt_dir, self.iteration, learner_states, state, self.cfg.keep_checkpoints)
+        save_checkpoint(self.ckpt_dir, self.iteration, learner_states, state, self.cfg.keep_checkpoints)
+        self.metrics.commit(self.iteration)
 
     def _restore(self) -> None:
         self.next_rollouts = None     # collected for weights the restored learners no longer have
@@ -328,15 +329,12 @@ class Coordinator:
         log.info("resumed from %s at iteration %d (%d env steps per agent)", ckpt.path, self.iteration, self.env_steps[0])
 
     # ------------------------------------------------------------- outputs
-    def records(self) -> list[dict]:
-        return self.metrics.records()
-
     def write_outputs(self, wall_seconds: float) -> dict:
-        cfg, records = self.cfg, self.records()
+        cfg, records = self.cfg, self.metrics.records()
         if records:
             plot_returns(records, self.run_dir / "returns.png", title=f"{cfg.env_id}  alpha={cfg.alpha}  {cfg.distill_mode}")
         totals = self.sync_totals
-        return write_summary(self.run_dir, {
+        summary = write_summary(self.run_dir, {
             "env_id": cfg.env_id, "env_steps": {"total": sum(self.env_steps), "per_agent": self.env_steps},
             "wall_seconds": wall_seconds, "env_steps_per_second": sum(self.env_steps) / max(wall_seconds, 1e-9),
             "iterations": self.iteration, "syncs": totals["syncs"], "sync_seconds_total": totals["seconds"],
@@ -348,3 +346,5 @@ class Coordinator:
             "learners": [learner_summary(i, self.learner_info[i]["device"] if self.learner_info else "unknown",
                                          self.returns[i], self.evals.last[i]) for i in range(cfg.num_learners)],
         })
+        self.metrics.end(summary)
+        return summary

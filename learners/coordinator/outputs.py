@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from learners.coordinator.tensorboard import TensorBoardLog
+from learners.tracking import Tracking
 
 
 def summarize(values: list[float]) -> dict:
@@ -24,16 +25,19 @@ def generalization_gap(train: float | None, test: float | None) -> float | None:
 
 class MetricsLog:
     """The per-iteration records: metrics.jsonl, appended once per iteration and cut back to a checkpoint's iteration
-    on a rollback, and the same records as TensorBoard scalars (learners/coordinator/tensorboard.py)."""
+    on a rollback, the same records as TensorBoard scalars (learners/coordinator/tensorboard.py), and for the
+    --track trackers once a checkpoint covers them (learners/tracking/)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, cfg):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tensorboard = TensorBoardLog(run_dir)
+        self.tracking = Tracking(cfg, run_dir)
 
     def start(self) -> None:
         """A new run: no records yet."""
         self.path.unlink(missing_ok=True)
         self.tensorboard.open(0)
+        self.tracking.open(new=True)
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -51,9 +55,19 @@ class MetricsLog:
         if self.path.exists():
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.tensorboard.open(kept[-1]["env_steps"] if kept else 0)
+        self.tracking.open(new=False, iteration=iteration)
+
+    def commit(self, iteration: int) -> None:
+        """A checkpoint covers the records up to `iteration`: no rollback can take them back now."""
+        if self.tracking.names:
+            self.tracking.commit([r for r in self.records() if r["iteration"] <= iteration])
+
+    def end(self, summary: dict) -> None:
+        self.tracking.end(summary)
 
     def close(self) -> None:
         self.tensorboard.close()
+        self.tracking.close()
 
 
 def iteration_record(iteration: int, env_steps: list[int], stats: list, returns: list, last_eval: list,

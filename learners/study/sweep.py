@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -184,6 +185,11 @@ def expand(sweep: SweepConfig) -> list[Cell]:
                 # Beside RUNS_DIR, as a single run's is beside its run directory: runs/study -> runs/prometheus,
                 # the folder deploy/prometheus/ watches.
                 values["metrics_sd_dir"] = str(sweep.runs_dir.parent / "prometheus")
+            if values.get("track"):
+                # W&B groups and MLflow parent runs gather a cell's seeds; every cell's MLflow runs go to one store.
+                values.setdefault("track_group", "/".join([sweep.runs_dir.name, *parts[:-1]]))
+                if not values.get("mlflow_tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
+                    values["mlflow_tracking_uri"] = (sweep.runs_dir.resolve().parent / "mlruns").as_uri()
             try:
                 config = TrainConfig(**values).validate()
             except ConfigError as err:

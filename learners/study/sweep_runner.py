@@ -26,6 +26,7 @@ from learners.coordinator.cluster import check_reachable, init_local_ray, run_cp
 from learners.files import atomic_write
 from learners.study.runs import CELL_FILE
 from learners.study.sweep import Cell, SweepConfig, cell_status, expand, train_command
+from learners.tracking import prepare_sweep
 
 STATUS_FILE = "sweep-status.json"
 LOG_FILE = "train.log"
@@ -96,6 +97,7 @@ class SweepRunner:
     def run(self) -> int:
         """Run every cell that is not done; 0 if all are done, 1 if any failed, 128+signal if stopped."""
         cells = expand(self.sweep)
+        prepare_sweep([(cell.config, cell.run_dir) for cell in cells])
         self.sweep.runs_dir.mkdir(parents=True, exist_ok=True)
         for cell in cells:
             status, reason = cell_status(cell)
