@@ -97,7 +97,7 @@ def _has(module: str) -> bool:
     ("mlflow", lambda mp: _no_module(mp, "mlflow", "mlflow.tracking"), r'pip install "mdpo\[mlflow\]"'),
     ("mlflow", lambda mp: mp.setenv("MLFLOW_TRACKING_URI", _mlflow_server_that_does_not_answer()), "does not answer"),
     pytest.param("mlflow", lambda mp: mp.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"), "full MLflow package",
-                 marks=pytest.mark.skipif(_has("sqlalchemy"), reason="sqlalchemy is installed: a database store works")),
+                 marks=pytest.mark.skipif(_has("sqlalchemy"), reason="sqlalchemy is here: a database store works")),
 ])
 def test_a_bad_tracker_setting_fails_before_anything_starts(tmp_path, monkeypatch, track, setup, message):
     from learners import ConfigError, preset, train
@@ -130,7 +130,8 @@ def test_a_failing_tracker_costs_a_warning_and_catches_up_at_the_next_checkpoint
     records = [_record(i) for i in range(1, 5)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run_dir / "config.json").write_text("{}")
-    cfg = TrainConfig(env_id="CartPole-v1", track="mlflow", mlflow_tracking_uri=(tmp_path / "mlruns").as_uri(), run_id="r")
+    cfg = TrainConfig(env_id="CartPole-v1", track="mlflow", mlflow_tracking_uri=(tmp_path / "mlruns").as_uri(),
+                      run_id="r")
     tracking = Tracking(cfg, run_dir)
     tracking.open(new=True)
     tracking.commit(records[:1])
@@ -215,6 +216,7 @@ def test_a_resume_from_before_what_a_tracker_has_starts_a_new_run_with_the_whole
     assert "holds iterations up to 4 but the run continues from checkpoint 2" in caplog.text
     same_points(wandb_run(run_dir)["history"], expected_points(run_dir), "W&B")
     client, run = mlflow_run(run_dir)
-    history = {tag: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag)] for tag in run.data.metrics}
+    history = {tag: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag)]
+               for tag in run.data.metrics}
     same_points(history, expected_points(run_dir), "MLflow")
     assert client.get_run(old["mlflow"]["run_id"]).info.status == "FAILED"     # as the first session closed it

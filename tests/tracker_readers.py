@@ -50,7 +50,7 @@ def wandb_run(run_dir: Path) -> dict:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run["ids"].add(record.run.run_id)
-                run["group"], run["tags"], run["project"] = record.run.run_group, list(record.run.tags), record.run.project
+                run.update(group=record.run.run_group, tags=list(record.run.tags), project=record.run.project)
                 run["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
             elif kind == "history":
                 items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}

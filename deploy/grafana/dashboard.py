@@ -1,10 +1,13 @@
-"""Builds the "MDPO training" Grafana dashboard: provisioning/dashboards/mdpo-training.json.
+"""Builds the "MDPO training" Grafana dashboard, provisioning/dashboards/mdpo-training.json, with Grafana's SDK for
+dashboards as code (grafana-foundation-sdk, the `grafana` extra: a deploy-time dependency, mdpo never imports this).
 
+    pip install -e ".[grafana]"
     python deploy/grafana/dashboard.py          # rewrite the JSON after editing PANELS below
 
-The JSON is committed (Grafana provisions it as is); tests/test_monitoring.py checks that it matches
-this script, that every metric its queries name is exported by learners/telemetry/, and that every
-query returns data from a real Prometheus scraping a real training run.
+The JSON is committed (Grafana provisions it as is); tests/test_monitoring.py checks that it matches this script,
+that every metric its queries name is exported by learners/telemetry/, and that every query returns data from a
+real Prometheus scraping a real training run; tests/test_grafana_schema.py checks it against Grafana's published
+dashboard schema (@grafana/schema, deploy/grafana/schema/).
 
 Queries may use the dashboard variables `$run_id` (multi-select, `.*` for all) and Grafana's
 `$__rate_interval`; nothing else.
@@ -16,9 +19,19 @@ import json
 import sys
 from pathlib import Path
 
+try:
+    from grafana_foundation_sdk.builders import common, prometheus, stat, timeseries
+    from grafana_foundation_sdk.builders import dashboard as board
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import common as c
+    from grafana_foundation_sdk.models import dashboard as d
+except ImportError as err:                      # deploy-time only: not in mdpo's runtime dependencies
+    raise ImportError(f'{err}: install Grafana\'s SDK with `pip install -e ".[grafana]"`') from err
+
 OUT = Path(__file__).resolve().parent / "provisioning" / "dashboards" / "mdpo-training.json"
-DS = {"type": "prometheus", "uid": "${datasource}"}
+DS = d.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RI = "[$__rate_interval]"
+RUN_IDS = "label_values(mdpo_coordinator_iteration, run_id)"
 
 
 def sel(metric: str, extra: str = "") -> str:
@@ -149,75 +162,87 @@ PANELS: list[tuple[str, list[tuple[str, str, str, str, list[tuple[str, str]]]]]]
 ]
 
 
-def _panel(pid: int, title: str, kind: str, unit: str, description: str, targets, grid: dict) -> dict:
-    panel = {
-        "id": pid, "type": kind, "title": title, "description": description, "datasource": DS, "gridPos": grid,
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "targets": [{"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend,
-                     "range": True, "instant": False} for i, (expr, legend) in enumerate(targets)],
-    }
+def _target(i: int, expr: str, legend: str) -> prometheus.Dataquery:
+    return prometheus.Dataquery().ref_id(chr(ord("A") + i)).datasource(DS).expr(expr).legend_format(legend).range()
+
+
+def _panel(pid: int, title: str, kind: str, unit: str, description: str, targets, grid: d.GridPos):
     if kind == "timeseries":
-        panel["options"] = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                            "tooltip": {"mode": "multi", "sort": "none"}}
+        panel = (timeseries.Panel()
+                 .legend(common.VizLegendOptions().display_mode(c.LegendDisplayMode.LIST)
+                         .placement(c.LegendPlacement.BOTTOM).show_legend(True))
+                 .tooltip(common.VizTooltipOptions().mode(c.TooltipDisplayMode.MULTI).sort(c.SortOrder.NONE)))
         if title.startswith("Actors: rollout time"):   # the share goes on its own axis
-            panel["fieldConfig"]["overrides"] = [{
-                "matcher": {"id": "byRegexp", "options": "inference share.*"},
-                "properties": [{"id": "custom.axisPlacement", "value": "right"}, {"id": "unit", "value": "percentunit"}]}]
+            panel.override_by_regexp("inference share.*", [
+                d.DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+                d.DynamicConfigValue(id_val="unit", value="percentunit")])
     else:
-        panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                            "colorMode": "value", "graphMode": "area", "textMode": "auto"}
+        panel = (stat.Panel()
+                 .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
+                 .color_mode(c.BigValueColorMode.VALUE).graph_mode(c.BigValueGraphMode.AREA)
+                 .text_mode(c.BigValueTextMode.AUTO))
         if title == "Seconds since last progress":
-            panel["fieldConfig"]["defaults"]["thresholds"] = {"mode": "absolute", "steps": [
-                {"color": "green", "value": None}, {"color": "orange", "value": 120}, {"color": "red", "value": 300}]}
+            panel.thresholds(board.ThresholdsConfig().mode(d.ThresholdsMode.ABSOLUTE).steps([
+                d.Threshold(color="green", value=None), d.Threshold(color="orange", value=120),
+                d.Threshold(color="red", value=300)]))
+    panel.id(pid).title(title).description(description).datasource(DS).grid_pos(grid).unit(unit)
+    for i, (expr, legend) in enumerate(targets):
+        panel.with_target(_target(i, expr, legend))
     return panel
 
 
-def build() -> dict:
-    panels, pid, y = [], 1, 0
+def _variables() -> list:
+    datasource = (board.DatasourceVariable("datasource").label("Prometheus").type("prometheus")
+                  .current(d.VariableOption(selected=True, text="Prometheus", value="mdpo-prometheus"))
+                  .multi(False).include_all(False).regex(""))
+    model = datasource.build()                  # its builder has no refresh or options; the SDK's model has both
+    model.refresh, model.options = d.VariableRefresh.ON_DASHBOARD_LOAD, []
+    run_id = (board.QueryVariable("run_id").label("Run").datasource(DS)
+              .query({"query": RUN_IDS, "refId": "run_id"})
+              .current(d.VariableOption(selected=True, text=["All"], value=["$__all"]))
+              .multi(True).include_all(True).all_value(".*").refresh(d.VariableRefresh.ON_TIME_RANGE_CHANGED)
+              .sort(d.VariableSort.ALPHABETICAL_ASC).options([]).regex(""))
+    for variable in (datasource, run_id):
+        # The SDK gives every variable an interval variable's auto/auto_min/auto_count; they are not in Grafana's
+        # schema of a variable, and left unset the SDK writes none of them.
+        model = variable.build()
+        model.auto = model.auto_min = model.auto_count = None
+    return [datasource, run_id]
+
+
+# Grafana's own "Annotations & Alerts" query, as Grafana writes it into every dashboard.
+BUILT_IN_ANNOTATIONS = d.AnnotationQuery(name="Annotations & Alerts", type_val="dashboard", enable=True, hide=True,
+                                         datasource=d.DataSourceRef(type_val="grafana", uid="-- Grafana --"),
+                                         icon_color="rgba(0, 211, 255, 1)", built_in=1)
+
+
+def build() -> d.Dashboard:
+    """The dashboard as the SDK's model (render() writes it)."""
+    dash = (board.Dashboard("MDPO training").uid("mdpo-training")
+            .description("Is it learning, is it generalizing, is it fast, is anything broken? "
+                         "(mdpo, learners/telemetry/)")
+            .tags(["mdpo", "reinforcement-learning"]).timezone("browser").editable()
+            .tooltip(d.DashboardCursorSync.CROSSHAIR).refresh("10s").time("now-1h", "now").version(1).links([])
+            .variables(_variables()))
+    pid, y = 1, 0
     for row_title, row in PANELS:
-        panels.append({"id": pid, "type": "row", "title": row_title, "collapsed": False, "panels": [],
-                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}})
+        # Rows stay open, their panels after them at the top level (the SDK's Row.with_panel would collapse it).
+        dash.with_row(board.Row(row_title).id(pid).collapsed(False).grid_pos(d.GridPos(h=1, w=24, x=0, y=y)))
         pid, y, x = pid + 1, y + 1, 0
         for title, kind, unit, description, targets in row:
             w, h = (6, 5) if kind == "stat" else (8, 8)
             if x + w > 24:
                 x, y = 0, y + 8
-            panels.append(_panel(pid, title, kind, unit, description, targets, {"h": h, "w": w, "x": x, "y": y}))
+            dash.with_panel(_panel(pid, title, kind, unit, description, targets, d.GridPos(h=h, w=w, x=x, y=y)))
             pid, x = pid + 1, x + w
         y += 8
-    return {
-        "title": "MDPO training",
-        "uid": "mdpo-training",
-        "description": "Is it learning, is it generalizing, is it fast, is anything broken? (mdpo, learners/telemetry/)",
-        "tags": ["mdpo", "reinforcement-learning"],
-        "timezone": "browser",
-        "editable": True,
-        "graphTooltip": 1,
-        "refresh": "10s",
-        "time": {"from": "now-1h", "to": "now"},
-        "schemaVersion": 39,
-        "version": 1,
-        "links": [],
-        "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                                  "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
-                                  "name": "Annotations & Alerts", "type": "dashboard"}]},
-        "templating": {"list": [
-            {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
-             "current": {"selected": True, "text": "Prometheus", "value": "mdpo-prometheus"},
-             "hide": 0, "includeAll": False, "multi": False, "options": [], "refresh": 1, "regex": ""},
-            {"name": "run_id", "label": "Run", "type": "query", "datasource": DS,
-             "definition": "label_values(mdpo_coordinator_iteration, run_id)",
-             "query": {"query": "label_values(mdpo_coordinator_iteration, run_id)", "refId": "run_id"},
-             "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-             "includeAll": True, "allValue": ".*", "multi": True, "refresh": 2, "sort": 1, "hide": 0,
-             "options": [], "regex": ""},
-        ]},
-        "panels": panels,
-    }
+    model = dash.build()
+    model.annotations.list_val = [BUILT_IN_ANNOTATIONS]   # the SDK's AnnotationQuery builder cannot say builtIn
+    return model
 
 
 def render() -> str:
-    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(build(), cls=JSONEncoder, indent=2, ensure_ascii=False) + "\n"
 
 
 if __name__ == "__main__":

@@ -71,8 +71,9 @@ def run_name(cfg: TrainConfig, run_dir: Path) -> str:
 
 def tags_of(cfg: TrainConfig) -> dict[str, str]:
     """What a run is, for the trackers' filters and tables."""
-    return {"game": cfg.env_id.removeprefix("procgen:"), "seed": str(cfg.seed), "alpha": str(cfg.alpha),
-            "distill_mode": cfg.distill_mode if cfg.distilling else "none", **({"group": cfg.track_group} if cfg.track_group else {})}
+    tags = {"game": cfg.env_id.removeprefix("procgen:"), "seed": str(cfg.seed), "alpha": str(cfg.alpha),
+            "distill_mode": cfg.distill_mode if cfg.distilling else "none"}
+    return {**tags, "group": cfg.track_group} if cfg.track_group else tags
 
 
 class Tracking:

@@ -4,6 +4,7 @@ way of grouping runs (a sweep's seeds of one game and method)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from urllib.parse import urlparse
 from learners.config import ConfigError, TrainConfig
 from learners.tracking import run_name, tags_of
 
+log = logging.getLogger("mdpo")
 GROUP_TAG, ROLE_TAG, PARENT_TAG = "mdpo.group", "mdpo.role", "mlflow.parentRunId"
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
 BATCH = 1000        # MLflow's limit of metrics per log_batch call
@@ -88,7 +90,8 @@ class MlflowRun:
                 import sqlalchemy  # noqa: F401
             except ImportError:
                 raise ConfigError(f"MLflow tracking URI {uri}: a database store needs the full MLflow package "
-                                  "(pip install mlflow); or use a server (http://...) or a file store (file:/path)") from None
+                                  "(pip install mlflow); or use a server (http://...) or a file store (file:/path)"
+                                  ) from None
         client = client_for(uri)
         try:
             with _fail_fast():
@@ -109,6 +112,7 @@ class MlflowRun:
         if cfg.track_group:
             tags[PARENT_TAG] = group_run(self.client, experiment, cfg.track_group)
         self.run_id = self.client.create_run(experiment, run_name=run_name(cfg, run_dir), tags=tags).info.run_id
+        log.info("MLflow run %s in experiment %s at %s", self.run_id, cfg.track_project, self.client.tracking_uri)
         from mlflow.entities import Param
 
         params = [Param(k, str(v)) for k, v in cfg.to_dict().items()]

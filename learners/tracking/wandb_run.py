@@ -4,12 +4,14 @@ W&B's sections follow the tag prefixes (charts/, losses/, sync/) as for cleanrl'
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from learners.config import ConfigError, TrainConfig
 from learners.tracking import run_name, tags_of
 
+log = logging.getLogger("mdpo")
 MODES = ("online", "offline", "disabled", "shared")
 
 
@@ -17,7 +19,8 @@ def _import_wandb():
     try:
         import wandb
     except ImportError:
-        raise ConfigError('--track wandb needs the wandb package: pip install "mdpo[wandb]" (or pip install wandb)') from None
+        raise ConfigError('--track wandb needs the wandb package: pip install "mdpo[wandb]" (or pip install wandb)'
+                          ) from None
     return wandb
 
 
@@ -49,6 +52,8 @@ class WandbRun:
             config=cfg.to_dict(), id=saved.get("id"), resume="allow", allow_val_change=True, reinit="create_new",
             mode=os.environ.get("WANDB_MODE", "online"),    # as checked (wandb's own settings are read once a process)
             settings=wandb.Settings(console="off", save_code=False, quiet=True))
+        where = self.run.url or f"{Path(self.run.dir).parent} (upload it with `wandb sync {Path(self.run.dir).parent}`)"
+        log.info("W&B run %s: %s", self.run.id, where)
 
     def ids(self) -> dict:
         return {"id": self.run.id, "project": self.run.project}
