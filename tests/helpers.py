@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,17 @@ from learners.peer.client import PeerClient
 from learners.peer.guard import PEER_ID_KEY
 from learners.peer.security import ChannelSecurity
 from learners.peer.service import serve
+
+
+def system_tool(name: str, package: str) -> str:
+    """Path of a system binary the tests use; in CI (CI set) a missing one fails, elsewhere it skips."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"`{name}` is not installed ({package}; `make system-deps` installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
 class _AsPeer(grpc.StreamStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):

@@ -8,14 +8,14 @@ import copy
 import fcntl
 import hashlib
 import json
-import os
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import system_tool
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_DIR = REPO / "deploy" / "grafana" / "schema"
@@ -24,13 +24,7 @@ STAMP = SCHEMA_DIR / "node_modules" / ".mdpo-installed"   # what node_modules wa
 
 
 def node_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"`{name}` is not installed (Debian packages nodejs and npm; `make system-deps` installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return system_tool(name, "Debian packages nodejs and npm")
 
 
 def wanted() -> str:

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +32,7 @@ from learners.telemetry.coordinator import CoordinatorTelemetry
 from learners.telemetry.actor import ActorTelemetry, EvaluatorTelemetry
 from learners.telemetry.learner import LearnerTelemetry
 from learners.telemetry.metrics import metrics_port, ports_needed
+from tests.helpers import system_tool
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -42,14 +42,7 @@ ROLES = ("coordinator", "learner", "actor", "evaluator")
 
 
 def tool(name: str) -> str:
-    """Path of a Prometheus binary; in CI (CI set) a missing one fails, elsewhere it skips."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"`{name}` is not installed (Debian package prometheus; `make system-deps` installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return system_tool(name, "Debian package prometheus")
 
 
 def scrape(address: str) -> str:
