@@ -238,9 +238,9 @@ class TrainConfig:
             raise ConfigError(f"--inference must be one of {', '.join(INFERENCE_MODES)}, got {self.inference!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        from learners.tracking import tracker_names   # deferred: a cycle (learners.tracking reads TrainConfig)
+        from learners.tracking import check_settings   # deferred: a cycle (learners.tracking reads TrainConfig)
 
-        tracker_names(self.track)
+        check_settings(self)
 
     def _check_channel(self) -> None:
         top = 65535 - (1 + 2 * self.num_learners + self.num_learners * self.num_actors)   # telemetry.ports_needed

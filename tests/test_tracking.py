@@ -114,6 +114,13 @@ def test_a_bad_tracker_setting_fails_before_anything_starts(tmp_path, monkeypatc
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_group_name_mlflow_cannot_search_for_is_refused_with_the_config():
+    from learners import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="--track-group \"it's\": quotes cannot be in a group name"):
+        TrainConfig(env_id="CartPole-v1", track="mlflow", track_group="it's").validate()
+
+
 def _record(i: int) -> dict:
     return {"iteration": i, "env_steps": 1024 * i, "env_steps_total": 2048 * i, "env_steps_per_second": 100.0 + i,
             "learners": [{"id": 0, "loss": 1.0 / i, "train_return": 10.0 * i, "sync_latency": {"p50": 0.01}}]}

@@ -39,6 +39,13 @@ def tracker_names(track: str) -> list[str]:
     return names
 
 
+def check_settings(cfg: TrainConfig) -> None:
+    """What needs no package or network: the names, and a group name MLflow's run search can quote."""
+    tracker_names(cfg.track)
+    if any(q in cfg.track_group for q in "'\"`"):
+        raise ConfigError(f"--track-group {cfg.track_group!r}: quotes cannot be in a group name")
+
+
 def tracker_class(name: str):
     if name == "wandb":
         from learners.tracking.wandb_run import WandbRun

@@ -49,7 +49,10 @@ def _fail_fast():
         yield
     finally:
         for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
 
 
 def experiment_id(client, name: str) -> str:
