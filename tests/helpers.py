@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -151,20 +152,37 @@ def make_certificates(directory, hosts=("127.0.0.1", "localhost")):
 FAULT_REPORT: list[tuple[str, int, int, int]] = []
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def expected_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(env steps per agent, value)] of a run's metrics.jsonl records, as every tracker should hold them."""
+    from learners.coordinator.tensorboard import scalars_of
+
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for tag, value in scalars_of(record).items():
+            expected.setdefault(tag, []).append((record["env_steps"], value))
+    return expected
+
+
+def same_points(got: dict, expected: dict, who: str) -> None:
+    assert set(got) == set(expected), f"{who}: tags differ: {sorted(set(got) ^ set(expected))}"
+    for tag, points in expected.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], f"{who} {tag}: steps {[s for s, _ in got[tag]]}"
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), f"{who} {tag}"
+
+
 def check_tensorboard_matches_metrics(run_dir: Path) -> dict:
     """Every metrics.jsonl record is in the event files once, at its env steps per agent, with its values (read
     with TensorBoard's own EventAccumulator)."""
-    from learners.coordinator.tensorboard import read_scalars, scalars_of
+    from learners.coordinator.tensorboard import read_scalars
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     scalars = read_scalars(run_dir)
-    expected: dict[str, list[tuple[int, float]]] = {}
-    for r in records:
-        for tag, value in scalars_of(r).items():
-            expected.setdefault(tag, []).append((r["env_steps"], value))
-    assert set(scalars) == set(expected), set(scalars) ^ set(expected)
-    for tag, points in expected.items():
-        got = scalars[tag]
-        assert [s for s, _ in got] == [s for s, _ in points], f"{tag}: steps {[s for s, _ in got]}"
-        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), tag
+    same_points(scalars, expected_points(run_dir), "TensorBoard")
     return scalars

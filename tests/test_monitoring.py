@@ -32,7 +32,7 @@ from learners.telemetry.coordinator import CoordinatorTelemetry
 from learners.telemetry.actor import ActorTelemetry, EvaluatorTelemetry
 from learners.telemetry.learner import LearnerTelemetry
 from learners.telemetry.metrics import metrics_port, ports_needed
-from tests.helpers import system_tool
+from tests.helpers import free_port, system_tool
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -395,12 +395,6 @@ def test_killed_actor_is_restarted_counted_and_its_new_endpoint_listed(tmp_path)
 
 
 # ------------------------------------------------------------------ a real Prometheus (slow)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _api(base: str, path: str, **params) -> dict:
     url = f"{base}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
     try:
@@ -443,7 +437,7 @@ def test_real_prometheus_scrapes_a_smoke_training_and_every_dashboard_and_rule_q
     assert job["job_name"] == "mdpo" and job["honor_labels"] is True
     job["file_sd_configs"][0]["files"] = [str(tmp_path / "runs" / "prometheus" / "*.json")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    base = f"http://127.0.0.1:{_free_port()}"
+    base = f"http://127.0.0.1:{free_port()}"
     prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={base[7:]}",
                              "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prom.log", "w"),

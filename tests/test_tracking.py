@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from learners.coordinator.tensorboard import LEARNER_TAGS, RUN_TAGS, SYNC_LATENCY_TAG
-from tests.helpers import check_tensorboard_matches_metrics
-from tests.tracker_readers import check_trackers_match_metrics, mlflow_run, wandb_run
+from tests.helpers import check_tensorboard_matches_metrics, expected_points, free_port, same_points
+from tests.tracker_readers import check_trackers_match_metrics, mlflow_history, mlflow_run, wandb_run
 
 BATCH = 1024     # cartpole preset: 8 envs x 128 steps
 
@@ -74,11 +74,7 @@ def _no_module(monkeypatch, *names):
 
 
 def _mlflow_server_that_does_not_answer():
-    import socket
-
-    with socket.socket() as s:        # a port nothing listens on: connection refused
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"        # nothing listens there: connection refused
 
 
 def _has(module: str) -> bool:
@@ -154,11 +150,7 @@ def test_a_failing_tracker_costs_a_warning_and_catches_up_at_the_next_checkpoint
     tracking.commit(records)
     assert json.loads((run_dir / "tracking.json").read_text())["mlflow"]["sent_iteration"] == 4
     tracking.end({"completed": False, "error": {"type": "X", "message": "y"}})
-    from tests.tracker_readers import expected_points, same_points
-
-    history = {tag: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag)]
-               for tag in client.get_run(run.info.run_id).data.metrics}
-    same_points(history, expected_points(run_dir), "MLflow")
+    same_points(mlflow_history(client, client.get_run(run.info.run_id)), expected_points(run_dir), "MLflow")
     assert client.get_run(run.info.run_id).info.status == "FAILED"
 
 
@@ -198,7 +190,6 @@ def test_a_resume_from_before_what_a_tracker_has_starts_a_new_run_with_the_whole
     iterations the tracker already has; neither W&B nor MLflow takes points back, so each gets a new run."""
     from learners.config import TrainConfig
     from learners.tracking import Tracking
-    from tests.tracker_readers import expected_points, same_points
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path / "run"
@@ -223,7 +214,5 @@ def test_a_resume_from_before_what_a_tracker_has_starts_a_new_run_with_the_whole
     assert "holds iterations up to 4 but the run continues from checkpoint 2" in caplog.text
     same_points(wandb_run(run_dir)["history"], expected_points(run_dir), "W&B")
     client, run = mlflow_run(run_dir)
-    history = {tag: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag)]
-               for tag in run.data.metrics}
-    same_points(history, expected_points(run_dir), "MLflow")
+    same_points(mlflow_history(client, run), expected_points(run_dir), "MLflow")
     assert client.get_run(old["mlflow"]["run_id"]).info.status == "FAILED"     # as the first session closed it

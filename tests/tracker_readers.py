@@ -8,7 +8,7 @@ import struct
 import zlib
 from pathlib import Path
 
-import pytest
+from tests.helpers import expected_points, same_points
 
 BLOCK = 32768     # W&B's .wandb files are LevelDB-log framed: 32 KiB blocks of checksummed chunks
 
@@ -74,22 +74,11 @@ def mlflow_run(run_dir: Path) -> tuple:
     return client, client.get_run(state["run_id"])
 
 
-def expected_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from learners.coordinator.tensorboard import scalars_of
-
-    expected: dict[str, list[tuple[int, float]]] = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        for tag, value in scalars_of(record).items():
-            expected.setdefault(tag, []).append((record["env_steps"], value))
-    return expected
-
-
-def same_points(got: dict, expected: dict, who: str) -> None:
-    assert set(got) == set(expected), f"{who}: tags differ: {sorted(set(got) ^ set(expected))}"
-    for tag, points in expected.items():
-        assert [s for s, _ in got[tag]] == [s for s, _ in points], f"{who} {tag}: steps {[s for s, _ in got[tag]]}"
-        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), f"{who} {tag}"
+def mlflow_history(client, run) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] of an MLflow run, every point MLflow holds (in the order they were logged)."""
+    return {tag: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, tag),
+                                                    key=lambda m: (m.step, m.timestamp))]
+            for tag in run.data.metrics}
 
 
 def check_trackers_match_metrics(run_dir: Path, completed: bool = True) -> tuple[dict, tuple]:
@@ -105,10 +94,7 @@ def check_trackers_match_metrics(run_dir: Path, completed: bool = True) -> tuple
     assert {k: v for k, v in wb["config"].items() if k in config} == config
 
     client, run = mlflow_run(run_dir)
-    history = {tag: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, tag),
-                                                       key=lambda m: (m.step, m.timestamp))]
-               for tag in run.data.metrics}
-    same_points(history, expected, "MLflow")
+    same_points(mlflow_history(client, run), expected, "MLflow")
     from learners.config import RESUME_MAY_CHANGE
 
     # MLflow params are written once; a resume may change only the fields that do not change what a run computes
