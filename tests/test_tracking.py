@@ -216,3 +216,62 @@ def test_a_resume_from_before_what_a_tracker_has_starts_a_new_run_with_the_whole
     client, run = mlflow_run(run_dir)
     same_points(mlflow_history(client, run), expected_points(run_dir), "MLflow")
     assert client.get_run(old["mlflow"]["run_id"]).info.status == "FAILED"     # as the first session closed it
+
+
+class _Killed(BaseException):
+    """The driver SIGKILLed: nothing after it in the commit runs (not an error a tracker's warning catches)."""
+
+
+@pytest.mark.parametrize("killed", ["mlflow", "wandb"])
+@pytest.mark.parametrize("resume_at", [4, 2])
+def test_a_driver_killed_mid_send_leaves_every_point_once(tmp_path, monkeypatch, caplog, killed, resume_at):
+    """The driver killed while a tracker takes checkpoint 4's iterations, before tracking.json says it has them (a
+    fresh-clone CI run hit this: MLflow then held iterations 3 and 4 twice). Resumed from checkpoint 4, MLflow is
+    asked what it holds and gets the rest in the same run; a W&B run cannot say, so W&B starts a new run with the
+    whole history. Resumed from checkpoint 2 (4 damaged), either may hold redone iterations: a new run."""
+    from learners.config import TrainConfig
+    from learners.tracking import Tracking
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    order = "wandb,mlflow" if killed == "wandb" else "mlflow,wandb"       # the killed one's send comes first
+    cfg = TrainConfig(env_id="CartPole-v1", track=order, mlflow_tracking_uri=(tmp_path / "mlruns").as_uri(),
+                      run_id="r")
+    first = Tracking(cfg, run_dir)
+    first.open(new=True)
+    first.commit([_record(1), _record(2)])
+    run = first.runs[killed]
+    sent = run.log
+
+    def log_part_then_die(points, unsure=False):
+        step, scalars = points[-1]           # iteration 3 whole, of iteration 4 one tag: a batch landed in part
+        sent([*points[:-1], (step, dict(list(scalars.items())[:1]))], unsure)
+        raise _Killed
+
+    run.log = log_part_then_die
+    with pytest.raises(_Killed):
+        first.commit([_record(i) for i in range(1, 5)])
+    old = json.loads((run_dir / "tracking.json").read_text())
+    assert old[killed] | {"sent_iteration": 2, "sending_iteration": 4} == old[killed]
+    first.runs["wandb"].run.finish(exit_code=1)       # its service would go down with the driver
+
+    redone = {i: _record(i) if i <= resume_at else {**_record(i), "env_steps_per_second": 1.0} for i in range(1, 7)}
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in redone.values()))
+    second = Tracking(cfg, run_dir)
+    second.open(new=False, iteration=resume_at)
+    second.commit(list(redone.values()))
+    second.end({"completed": True})
+    new = json.loads((run_dir / "tracking.json").read_text())
+    assert "sending_iteration" not in new["wandb"] and "sending_iteration" not in new["mlflow"]
+    same_points(wandb_run(run_dir)["history"], expected_points(run_dir), "W&B")
+    client, mlflow = mlflow_run(run_dir)
+    same_points(mlflow_history(client, mlflow), expected_points(run_dir), "MLflow")
+    # The tracker killed first never got iterations 3-4 and goes on in its run
+    assert (new["mlflow"]["run_id"] == old["mlflow"]["run_id"]) == (killed == "wandb" or resume_at == 4)
+    assert (new["wandb"]["id"] == old["wandb"]["id"]) == (killed == "mlflow")
+    if resume_at == 2:
+        assert f"{killed} may hold iterations up to 4 but the run continues from checkpoint 2" in caplog.text
+    elif killed == "wandb":
+        assert "stopped while sending iterations 3-4, and a wandb run cannot say which it got" in caplog.text

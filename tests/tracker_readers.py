@@ -4,6 +4,7 @@ an MLflow store through MLflow's own client; and the check that both hold exactl
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -40,9 +41,12 @@ def wandb_records(path: Path):
 
 def wandb_run(run_dir: Path) -> dict:
     """The W&B offline run RUN_DIR/tracking.json names, as its files say: one offline-run-*-<id> directory per
-    session (a resume adds one)."""
+    session (a resume adds one; W&B appends -1, -2, ... to one that starts in the same second as another)."""
     run_id = json.loads((Path(run_dir) / "tracking.json").read_text())["wandb"]["id"]
-    sessions = sorted((Path(run_dir) / "wandb").glob(f"offline-run-*-{run_id}"))
+    name = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    found = [(m.group(1), int(m.group(2) or 0), p) for p in (Path(run_dir) / "wandb").glob("offline-run-*")
+             if (m := name.fullmatch(p.name))]
+    sessions = [p for *_, p in sorted(found)]
     assert sessions, f"no W&B offline run under {run_dir}/wandb"
     run = {"ids": set(), "history": {}, "config": {}, "files": set(), "exit_codes": [], "group": None, "tags": []}
     for session in sessions:

@@ -7,8 +7,11 @@ nor MLflow can take points back. So a tracker's history is always metrics.jsonl'
 TensorBoard and Prometheus are the views that follow every iteration live.
 
 RUN_DIR/tracking.json remembers each tracker's run and the last iteration it has, so a resumed run continues the
-same W&B/MLflow run from there. A tracker that fails mid-run (its server down, say) costs a warning, never the
-training run: what it missed is sent at the next checkpoint, or when the run is resumed.
+same W&B/MLflow run from there. A send is written there before it starts (`sending_iteration`) and confirmed after,
+so a driver killed mid-send leaves a tracker that *may* hold part of it: MLflow is asked what it holds, a W&B run
+(which cannot say) is replaced by a new one with the whole history. A tracker that fails mid-run (its server down,
+say) costs a warning, never the training run: what it missed is sent at the next checkpoint, or when the run is
+resumed.
 """
 
 from __future__ import annotations
@@ -103,11 +106,18 @@ class Tracking:
             self.state = json.loads(self.path.read_text())
         for name in self.names:
             saved = {} if new else self.state.get(name, {})
-            if saved.get("sent_iteration", 0) > iteration:
-                log.warning("%s holds iterations up to %d but the run continues from checkpoint %d: starting a new %s "
+            sent, sending = saved.get("sent_iteration", 0), saved.get("sending_iteration", 0)
+            if max(sent, sending) > iteration:
+                log.warning("%s %s iterations up to %d but the run continues from checkpoint %d: starting a new %s "
                             "run with the whole history (the old one, %s, keeps the lost iterations)", name,
-                            saved["sent_iteration"], iteration, name, saved.get("id") or saved.get("run_id"))
+                            "may hold" if sending > sent else "holds", max(sent, sending), iteration, name,
+                            saved.get("id") or saved.get("run_id"))
                 self._finish(name, {"error": "superseded"}, with_files=False)
+                saved = {}
+            elif sending > sent and name not in self.runs and not tracker_class(name).SEES_WHAT_IT_HOLDS:
+                log.warning("%s: the last session was stopped while sending iterations %d-%d, and a %s run cannot say "
+                            "which it got: starting a new %s run with the whole history (the old one is %s)", name,
+                            sent + 1, sending, name, name, saved.get("id") or saved.get("run_id"))
                 saved = {}
             if name in self.runs:
                 continue
@@ -118,23 +128,30 @@ class Tracking:
                 continue
             self.runs[name] = run
             same = all(saved.get(k) == v for k, v in run.ids().items())    # else a new run: it gets every record
-            self.state[name] = {**run.ids(), "sent_iteration": saved.get("sent_iteration", 0) if same else 0}
+            self.state[name] = {**run.ids(), **({k: v for k, v in saved.items() if k.endswith("_iteration")}
+                                                if same else {"sent_iteration": 0})}
         self._save()
 
     def commit(self, records: list[dict]) -> None:
         """Send each tracker the records it does not have yet (those a checkpoint covers)."""
         for name, run in self.runs.items():
-            sent = self.state[name]["sent_iteration"]
-            todo = [r for r in records if r["iteration"] > sent]
+            state = self.state[name]
+            todo = [r for r in records if r["iteration"] > state["sent_iteration"]]
             if not todo:
                 continue
+            # Written ahead: were the driver killed mid-send, the next session knows this tracker may hold part of it
+            unsure = state.get("sending_iteration", 0) > state["sent_iteration"]
+            state["sending_iteration"] = max(state.get("sending_iteration", 0), todo[-1]["iteration"])
+            self._save()
             try:
-                run.log([(r["env_steps"], scalars_of(r)) for r in todo])
+                run.log([(r["env_steps"], scalars_of(r)) for r in todo], unsure=unsure)
             except Exception as err:
                 log.warning("%s: could not log iterations %d-%d (sent again at the next checkpoint): %s: %s", name,
                             todo[0]["iteration"], todo[-1]["iteration"], type(err).__name__, err)
                 continue
-            self.state[name]["sent_iteration"] = todo[-1]["iteration"]
+            state["sent_iteration"] = todo[-1]["iteration"]
+            if state["sending_iteration"] <= state["sent_iteration"]:
+                del state["sending_iteration"]
             self._save()
 
     def end(self, summary: dict) -> None:

@@ -84,6 +84,8 @@ def make_groups(cells: list[tuple[TrainConfig, Path]]) -> None:
 
 
 class MlflowRun:
+    SEES_WHAT_IT_HOLDS = True       # its store is asked which points a cut-off send left there
+
     @staticmethod
     def check(cfg: TrainConfig, run_dir: Path) -> None:
         uri = tracking_uri(cfg, run_dir)
@@ -125,11 +127,17 @@ class MlflowRun:
     def ids(self) -> dict:
         return {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri}
 
-    def log(self, points: list[tuple[int, dict[str, float]]]) -> None:
+    def log(self, points: list[tuple[int, dict[str, float]]], unsure: bool = False) -> None:
+        """`unsure`: a send of some of these points was cut off (an error, or the driver killed), so the points the
+        store already holds are left out; a batch can land in part."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(tag, value, now, step) for step, scalars in points for tag, value in scalars.items()]
+        if unsure:
+            held = {(m.key, m.step) for tag in {m.key for m in metrics}
+                    for m in self.client.get_metric_history(self.run_id, tag)}
+            metrics = [m for m in metrics if (m.key, m.step) not in held]
         for i in range(0, len(metrics), BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
 

@@ -25,6 +25,8 @@ def _import_wandb():
 
 
 class WandbRun:
+    SEES_WHAT_IT_HOLDS = False      # a resumed offline run cannot be asked what an earlier session sent it
+
     @staticmethod
     def check(cfg: TrainConfig, run_dir: Path) -> None:
         wandb = _import_wandb()
@@ -52,15 +54,19 @@ class WandbRun:
             config=cfg.to_dict(), id=saved.get("id"), resume="allow", allow_val_change=True, reinit="create_new",
             mode=os.environ.get("WANDB_MODE", "online"),    # as checked (wandb's own settings are read once a process)
             settings=wandb.Settings(console="off", save_code=False, quiet=True))
+        self.last_step = -1
         where = self.run.url or f"{Path(self.run.dir).parent} (upload it with `wandb sync {Path(self.run.dir).parent}`)"
         log.info("W&B run %s: %s", self.run.id, where)
 
     def ids(self) -> dict:
         return {"id": self.run.id, "project": self.run.project}
 
-    def log(self, points: list[tuple[int, dict[str, float]]]) -> None:
+    def log(self, points: list[tuple[int, dict[str, float]]], unsure: bool = False) -> None:
+        # One call per step, so a send cut off by an error is retried from the first step this run did not take
         for step, scalars in points:
-            self.run.log(scalars, step=step)
+            if step > self.last_step:
+                self.run.log(scalars, step=step)
+                self.last_step = step
 
     def finish(self, summary: dict, files: list[Path], status: str) -> None:
         for path in files:
