@@ -1,4 +1,5 @@
-"""A non-editable install (what the Docker image does) carries every package and subpackage and runs from anywhere."""
+"""A non-editable install (what the Docker image does) carries every package and subpackage and runs from anywhere:
+the smoke preset's Procgen training, whose run directory is checked here."""
 
 from __future__ import annotations
 
@@ -59,9 +60,23 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
 
     mdpo = str(venv / "bin" / "mdpo")
     assert "train" in run([mdpo, "--help"], cwd=elsewhere).stdout
-    run_dir = elsewhere / "cartpole"
-    run([mdpo, "train", "--preset", "cartpole", "--total-steps", "2048", "--run-dir", str(run_dir), "--no-progress",
-         "--metrics-port", "-1", "--eval-every", "1"], cwd=elsewhere, timeout=420, env={"PYTHONPATH": ""})
+
+    # The README's main job, `mdpo train --preset smoke` (Procgen), with its defaults, from the installed wheel: what
+    # every run directory holds.
+    run_dir = elsewhere / "smoke"
+    out = run([mdpo, "train", "--preset", "smoke", "--run-dir", str(run_dir)], cwd=elsewhere, timeout=420,
+              env={"PYTHONPATH": ""}).stdout
+    assert "done:" in out
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["completed"] and summary["iterations"] == 2
-    assert summary["env_steps"]["per_agent"] == [2048, 2048]
+    for key in ("env_steps", "wall_seconds", "env_steps_per_second", "iterations", "syncs", "sync_seconds_total",
+                "distill_mode", "alpha"):
+        assert key in summary
+    assert summary["completed"] and summary["iterations"] == 4 and summary["syncs"] > 0
+    assert summary["env_steps"]["per_agent"] == [2048, 2048] and summary["env_steps"]["total"] == 4096
+    for learner in summary["learners"]:
+        assert {"id", "device", "final_train_return", "final_test_return"} <= set(learner)
+        assert learner["final_test_return"] is not None
+    png = (run_dir / "returns.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == "ckpt-000004"
+    assert json.loads((run_dir / "config.json").read_text())["env_id"] == "coinrun"
