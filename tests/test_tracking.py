@@ -275,3 +275,6 @@ def test_a_driver_killed_mid_send_leaves_every_point_once(tmp_path, monkeypatch,
         assert f"{killed} may hold iterations up to 4 but the run continues from checkpoint 2" in caplog.text
     elif killed == "wandb":
         assert "stopped while sending iterations 3-4, and a wandb run cannot say which it got" in caplog.text
+    if new["mlflow"]["run_id"] != old["mlflow"]["run_id"]:
+        # the run the killed driver left open is marked failed once it is replaced
+        assert client.get_run(old["mlflow"]["run_id"]).info.status == "FAILED"

@@ -112,7 +112,10 @@ class Tracking:
                             "run with the whole history (the old one, %s, keeps the lost iterations)", name,
                             "may hold" if sending > sent else "holds", max(sent, sending), iteration, name,
                             saved.get("id") or saved.get("run_id"))
-                self._finish(name, {"error": "superseded"}, with_files=False)
+                if name in self.runs:
+                    self._finish(name, {"error": "superseded"}, with_files=False)
+                else:
+                    self._close_left_open(name, saved)
                 saved = {}
             elif sending > sent and name not in self.runs and not tracker_class(name).SEES_WHAT_IT_HOLDS:
                 log.warning("%s: the last session was stopped while sending iterations %d-%d, and a %s run cannot say "
@@ -174,6 +177,13 @@ class Tracking:
             run.finish(summary, files, status)
         except Exception as err:
             log.warning("%s: could not finish its run: %s: %s", name, type(err).__name__, err)
+
+    def _close_left_open(self, name: str, saved: dict) -> None:
+        """The run a killed driver left open, now superseded: marked failed where the tracker can be told so."""
+        try:
+            tracker_class(name).close_left_open(saved)
+        except Exception as err:
+            log.warning("%s: could not close the superseded run: %s: %s", name, type(err).__name__, err)
 
     def _save(self) -> None:
         atomic_write(self.path, json.dumps(self.state, indent=2) + "\n")

@@ -124,6 +124,13 @@ class MlflowRun:
         for i in range(0, len(params), 100):            # MLflow's limit of params per call
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
+    @staticmethod
+    def close_left_open(saved: dict) -> None:
+        if saved.get("run_id") and saved.get("tracking_uri"):
+            client = client_for(saved["tracking_uri"])
+            if client.get_run(saved["run_id"]).info.status == "RUNNING":
+                client.set_terminated(saved["run_id"], "FAILED")
+
     def ids(self) -> dict:
         return {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri}
 

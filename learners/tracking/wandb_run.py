@@ -58,6 +58,11 @@ class WandbRun:
         where = self.run.url or f"{Path(self.run.dir).parent} (upload it with `wandb sync {Path(self.run.dir).parent}`)"
         log.info("W&B run %s: %s", self.run.id, where)
 
+    @staticmethod
+    def close_left_open(saved: dict) -> None:
+        """Nothing to do: a W&B run is closed only by the process that ran it; the server marks one whose process
+        died as crashed, and `wandb sync` uploads an offline one as it is."""
+
     def ids(self) -> dict:
         return {"id": self.run.id, "project": self.run.project}
 
