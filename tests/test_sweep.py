@@ -6,7 +6,6 @@ import dataclasses
 import io
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from learners.cli import build_parser, main
 from learners.config import ConfigError, TrainConfig
 from learners.study.sweep import Method, SweepConfig, cell_status, expand, parse_axis, train_command
 from learners.study.sweep_runner import SweepRunner, cell_resources, fits
+from tests.helpers import free_port
 from tests.study import CELLS, GAME, GRID, TINY, tiny_study
 
 
@@ -136,9 +136,7 @@ def test_resource_budget():
 
 
 def test_an_unreachable_cluster_is_a_clear_error(tmp_path):
-    with socket.socket() as sock:          # a port nothing listens on once closed
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with pytest.raises(ConfigError, match=f"127.0.0.1:{port}: nothing answers"):
         SweepRunner(sweep(tmp_path, ray_address=f"127.0.0.1:{port}"), out=io.StringIO()).run()
 
