@@ -13,15 +13,18 @@ $(STAMP): pyproject.toml setup.py $(wildcard protos/*.proto)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-# System packages the tests use: a real Prometheus (promtool), docker-compose to validate the compose file, curl,
-# iproute2 (network namespaces: the multi-host cluster test), nodejs and npm (the Grafana dashboard's schema check;
-# not where npm is there already: NodeSource's nodejs bundles it and conflicts with Debian's npm).
+# System packages the tests use: a real Prometheus (promtool), a Docker engine and Compose (docker.io,
+# docker-compose: the compose cluster is built and run in tests/test_compose.py), debootstrap (its Debian base
+# image: Docker Hub is out of reach), curl, iproute2 (network namespaces: the multi-host cluster test), nodejs and
+# npm (the Grafana dashboard's schema check; not where npm is there already: NodeSource's nodejs bundles it and
+# conflicts with Debian's npm).
 system-deps:
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null \
+			|| ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null \
 			|| ! command -v curl >/dev/null || ! command -v ip >/dev/null || ! command -v node >/dev/null \
 			|| ! command -v npm >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker-compose curl \
-			iproute2 $$(command -v npm >/dev/null || echo nodejs npm) >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker.io docker-compose \
+			debootstrap curl iproute2 $$(command -v npm >/dev/null || echo nodejs npm) >/dev/null; \
 	fi
 
 # The main job: a short Procgen training on an embedded local Ray.

@@ -33,6 +33,10 @@ PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
 VENV_BIN = Path(sys.executable).parent
 SHELL_BUILTINS = {"umask", "exec", "set", "export", "cd", "test", "true"}
+IMAGE_COREUTILS = {"mkdir"}    # programs of the base image a compose command may run besides ray and mdpo
+
+
+LEARNER_LINE = re.compile(r"learner (\d+): gRPC ([\d.]+):(\d+), device")    # the coordinator's log line
 
 
 def load_script(path: Path):
@@ -197,7 +201,7 @@ def check_command(argv: list[str]) -> tuple[str, object]:
         return sub, params
     if program == "mdpo":
         return "mdpo train", parse_mdpo(argv)
-    assert program in SHELL_BUILTINS, f"`{shlex.join(argv)}`: {program} is not an entry point of the image"
+    assert program in SHELL_BUILTINS | IMAGE_COREUTILS, f"`{shlex.join(argv)}`: {program} is not an entry point of the image"
     return program, None
 
 
@@ -261,9 +265,18 @@ def service_ports(svc: dict) -> set[int]:
     return ports
 
 
-def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
-    """Docker's .dockerignore rule: the last pattern that matches the path or one of its parents wins."""
+def dockerignore_excludes(path: str, patterns: list[str], legacy: bool = False) -> bool:
+    """Docker's .dockerignore rule: the last pattern that matches the path or one of its parents wins. `legacy`: as
+    Docker 20.10's legacy builder walks the context, which also skips a whole excluded folder unless some `!` pattern
+    spells out that folder's path as its literal prefix (moby's archive.TarWithOptions): `!learners/*/*.py` does not
+    bring back `learners/peer/`."""
     parts = path.split("/")
+    if legacy:
+        for n in range(1, len(parts)):
+            folder = "/".join(parts[:n])
+            if dockerignore_excludes(folder, patterns) and not any(
+                    p.startswith("!") and (p[1:].strip("/") + "/").startswith(folder + "/") for p in patterns):
+                return True
     excluded = False
     for raw in patterns:
         negate, pattern = raw.startswith("!"), raw.lstrip("!").strip("/")
@@ -273,6 +286,11 @@ def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
         if hit:
             excluded = not negate
     return excluded
+
+
+def started_learners(log: str) -> list[tuple[int, tuple[str, int]]]:
+    """(learner id, (ip, port)) as the coordinator logs each learner it starts, latest last."""
+    return [(int(m[1]), (m[2], int(m[3]))) for m in LEARNER_LINE.finditer(log)]
 
 
 def kuberay_ray_start(group: dict, head: bool, address: str = "mdpo-head-svc:6379") -> list[str]:

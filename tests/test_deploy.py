@@ -70,7 +70,7 @@ def test_compose_commands_are_real_entry_points_and_flags():
         assert svc.get("command"), f"{name}: runs the image's default command"
         for argv in compose_commands(svc):
             kinds.setdefault(name, []).append(check_command(argv)[0])
-    assert kinds["ray-auth"] == ["umask", "get-auth-token"]
+    assert kinds["ray-auth"] == ["mkdir", "umask", "get-auth-token"]
     assert kinds["ray-head"] == ["start"]
     assert all(k == ["start"] for n, k in kinds.items() if n.startswith(("ray-cpu-worker", "ray-learner")))
     assert kinds["mdpo-train"] == kinds["mdpo-train-cpu"] == ["job submit"]
@@ -228,6 +228,15 @@ def test_compose_prometheus_matches_deploy_prometheus():
         volume = named_volume_at(prom, pattern)
         assert volume is not None, f"prometheus sees no volume at {pattern}"
         assert named_volume_at(head, pattern) == volume, f"{pattern}: not the volume the coordinator writes to"
+        # Prometheus watches the pattern's folder from its start; a folder made later is seen only at the next
+        # refresh, after a short run is over (seen on a real compose cluster): a one-shot service Prometheus waits
+        # for makes it first, on the same volume.
+        folder = str(PurePosixPath(pattern).parent)
+        makers = [n for n, c in (prom.get("depends_on") or {}).items()
+                  if c.get("condition") == "service_completed_successfully"
+                  and named_volume_at(compose["services"][n], folder) == named_volume_at(prom, folder)
+                  and ["mkdir", "-p", folder] in compose_commands(compose["services"][n])]
+        assert makers, f"no service that Prometheus waits for makes {folder} before it starts"
     for target in static:
         host, port = target.rsplit(":", 1)
         svc = prom if host == "localhost" else compose["services"].get(host)
@@ -289,6 +298,9 @@ def test_dockerfile_installs_the_project_with_pinned_dependencies():
                                                                if p.is_file() and "__pycache__" not in p.parts]
                 kept = [f for f in files if not dockerignore_excludes(f, ignore)]
                 assert kept, f"COPY {src}: .dockerignore keeps nothing of it"
+                # Docker 20.10's legacy builder (Debian's docker.io) must cut the context alike.
+                lost = [f for f in kept if dockerignore_excludes(f, ignore, legacy=True)]
+                assert not lost, f"COPY {src}: the legacy builder's context loses {lost[:5]}"
                 copied += kept
     top = sorted({name.split(".")[0] for name in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]})
     assert top == ["actors", "learners", "protos"]

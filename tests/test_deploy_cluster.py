@@ -27,7 +27,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from tests.deploy_helpers import (ROOT, RUNTIME_ENV, VENV_BIN, active_services, compose_commands, environment,
-                                  flag_value, load_compose, named_volume_at, system_binary, train_command)
+                                  flag_value, load_compose, named_volume_at, started_learners, system_binary,
+                                  train_command)
 from tests.helpers import FAULT_REPORT
 from tests.netns import Host, Network
 
@@ -209,7 +210,6 @@ ITERATIONS = 6
 CUT_AFTER = 2             # iterations logged before the learner host is partitioned
 HANG_TIMEOUT_S = 12       # the coordinator's bound (--hang-timeout-s); the peers' gRPC deadline is 8 s
 FAILURE_LINE = re.compile(r"^(\S+ \S+) ERROR mdpo: iteration \d+ failed .*$", re.M)
-LEARNER_LINE = re.compile(r"learner (\d+): gRPC ([\d.]+):(\d+), device")
 
 
 def metrics_lines(run_dir: Path) -> list[dict]:
@@ -359,7 +359,3 @@ def test_compose_topology_on_separate_hosts_trains_through_a_learner_host_partit
         net.close()
     print(f"multi-host compose topology test: {time.monotonic() - t0:.0f}s")
 
-
-def started_learners(log: str) -> list[tuple[int, tuple[str, int]]]:
-    """(learner id, (ip, port)) as the coordinator logs each learner it starts, latest last."""
-    return [(int(m[1]), (m[2], int(m[3]))) for m in LEARNER_LINE.finditer(log)]
