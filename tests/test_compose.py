@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,12 @@ def docker_engine():
         except subprocess.TimeoutExpired:
             started.kill()
             started.wait()
+        # dockerd leaves its default network namespace mounted (/run/docker/netns/default) when it stops.
+        mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        for point in sorted((m for m in mounted if m.startswith(("/run/docker/", "/var/lib/docker"))), reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        left = [m for m in Path("/proc/mounts").read_text().splitlines() if "/run/docker/" in m or "/var/lib/docker" in m]
+        assert not left, f"still mounted after dockerd stopped: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -225,12 +232,15 @@ def test_compose_up_trains_the_smoke_run_through_a_killed_learner_container(imag
         wait_for(lambda: len(metrics()) >= KILL_AFTER, 300, f"{KILL_AFTER} iterations", job_log)
         killed = where[1]
         docker("kill", killed)
-        t_kill = time.monotonic()
+        t_kill, wall_kill = time.monotonic(), time.time()
         code = int(docker("wait", train["Id"], timeout=600).stdout.strip())
         log = job_log()
         assert code == 0, f"mdpo-train-cpu exited {code}:\n{log[-6000:]}"
         t_done = time.monotonic() - t0
         assert re.search(r"Job '\S+' succeeded", log), log[-3000:]
+        failed = re.search(r"^(\S+ \S+) ERROR mdpo: iteration \d+ failed \((\w+)", log, re.M)
+        assert failed, f"the run never saw the kill:\n{log[-3000:]}"
+        detected_s = datetime.strptime(failed[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() - wall_kill
 
         # What the run wrote to the `runs` volume.
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -267,7 +277,7 @@ def test_compose_up_trains_the_smoke_run_through_a_killed_learner_container(imag
         assert code == 0 and "holds this run, finished" in log, log[-3000:]
         assert ((run_dir / "summary.json").read_bytes(), (run_dir / "metrics.jsonl").read_bytes()) == before
         print(f"compose: up {t_up:.0f} s, first iteration at {t_first:.0f} s, killed {killed} at "
-              f"{t_kill - t0:.0f} s, job done at {t_done:.0f} s, up again {again_s:.0f} s; "
+              f"{t_kill - t0:.0f} s, seen {detected_s:.1f} s later ({failed[2]}), job done at {t_done:.0f} s, up again {again_s:.0f} s; "
               f"{summary['env_steps_per_second']:.0f} env steps/s over the run")
     finally:
         down = compose("down", "-v", "--remove-orphans", timeout=300, check=False)

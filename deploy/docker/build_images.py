@@ -49,6 +49,7 @@ DEBIAN_MIRROR = os.environ.get("MDPO_DEBIAN_MIRROR", "http://deb.debian.org/debi
 # What the base needs beyond minbase: the Dockerfile runs `python -m venv` and apt-get over https-free mirrors.
 BASE_PACKAGES = ["python3", "python3-venv", "python-is-python3", "ca-certificates"]
 BASE_RECIPE = "1"   # bump when build_base() changes what it makes
+TORCH_INDEX_PORT = 47813
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 PEM = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
@@ -214,7 +215,10 @@ def local_torch_index(pip: str):
                              "https://download.pytorch.org/whl/cpu) or pass --torch-index-url")
         handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
         handler.log_message = lambda *args: None
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        try:    # the same URL every time: a build argument that changes misses Docker's layer cache
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", TORCH_INDEX_PORT), handler)
+        except OSError:
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
