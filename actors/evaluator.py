@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from actors.envs import make_vector_env, obs_spec
-from learners.records import Weights
+from actors.probes import measure
+from learners.records import ProbeSet, Weights
 from learners.config import AUTHORS_EVAL_ENVS, AUTHORS_EVAL_SEED, TrainConfig
 from learners.model import make_agent, sample_actions
 from learners.telemetry.actor import EvaluatorTelemetry
@@ -48,8 +49,9 @@ class Evaluator:
         return obs
 
     @torch.no_grad()
-    def evaluate(self, weights: Weights) -> dict:
-        """Mean test-level return under cfg.eval_protocol, episodes cut at eval_max_episode_steps."""
+    def evaluate(self, weights: Weights, probe: ProbeSet | None = None) -> dict:
+        """Mean test-level return under cfg.eval_protocol, episodes cut at eval_max_episode_steps; with a probe set,
+        also this policy's outputs on it (`probe`: a ProbeOutput the coordinator pairs with the other agents')."""
         weights.load_into(self.agent)
         t0 = time.perf_counter()
         obs = self.reset()
@@ -57,6 +59,10 @@ class Evaluator:
         result = {"learner_id": self.learner_id, "weights_version": weights.version, "test_return": float(np.mean(returns)),
                   "test_returns": returns.tolist(), "test_lengths": lengths.tolist(), "completed": completed,
                   "seconds": time.perf_counter() - t0}
+        if probe is not None:
+            t1 = time.perf_counter()
+            result["probe"] = measure(self.agent, probe, self.learner_id, weights.version)
+            result["probe_seconds"] = time.perf_counter() - t1
         self.telemetry.record_eval(result)
         return result
 

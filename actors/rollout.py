@@ -20,7 +20,8 @@ from torch.distributions import Categorical
 from actors.envs import (ProcgenVectorEnv, get_reward_normalizer_state, is_procgen, make_vector_env, obs_spec,
                          set_reward_normalizer_state)
 from actors.evaluator import Evaluator
-from learners.records import ActorReport, Rollout, ServedPolicy, Weights
+from actors.probes import build_probe_set
+from learners.records import ActorReport, ProbeSet, Rollout, ServedPolicy, Weights
 from learners.config import TrainConfig
 from learners.model import make_agent, sample_actions, warn_if_emulated_bf16
 from learners.telemetry.actor import ActorTelemetry
@@ -151,12 +152,20 @@ class RolloutWorker:
         return self.version
 
     @ray.method(concurrency_group=EVAL_GROUP)
-    def evaluate(self, weights: Weights) -> dict:
+    def evaluate(self, weights: Weights, probe: ProbeSet | None = None) -> dict:
         """The hosted Evaluator's evaluate(), in its own thread: collection goes on meanwhile."""
         if self.evaluator is None:
             raise RuntimeError(f"actor {self.actor_id} of learner {self.learner_id} hosts no evaluator "
                                "(only actor 0 does, when eval_every > 0)")
-        return self.evaluator.evaluate(weights)
+        return self.evaluator.evaluate(weights, probe)
+
+    @ray.method(concurrency_group=EVAL_GROUP)
+    def probe_set(self) -> ProbeSet:
+        """The run's probe set (actors/probes.py), built here rather than in the driver, whose process would
+        otherwise load Procgen's assets (~350 MB) for it."""
+        cfg = self.cfg
+        return build_probe_set(cfg.env_id, cfg.distribution_mode, cfg.probe_states, cfg.seed, cfg.num_levels,
+                               cfg.start_level)
 
     def metrics_endpoints(self) -> list[dict]:
         """This actor's /metrics endpoint and, if it hosts one, its evaluator's (same process, own port and role)."""

@@ -75,6 +75,10 @@ class TrainConfig:
     """Start an evaluation every this many iterations (0 disables; never blocks training)."""
     eval_max_episode_steps: int = 0
     """Cut evaluation episodes at this length (0: the game's own limit)."""
+    probe_states: int = 256
+    """States of the probe set on which evaluations also measure robustness, agreement and CKA (README: Watching the mechanism); 0 = off."""
+    probe_budget: float = 0.02
+    """The most of the run's wall time the probe measurements may cost (forward passes in the evaluators, beside training): an evaluation measures the probe set when the time spent on it so far plus one more measurement stays within this share of the time elapsed, and the first evaluation always does; 1 = every evaluation."""
     # --- system ---
     seed: int = 1
     num_actors: int = 1
@@ -206,10 +210,15 @@ class TrainConfig:
                      "max_grad_norm", "clip_coef", "clip_reward"]:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ["eval_every", "eval_max_episode_steps", "learner_threads", "ent_coef", "vf_coef", "max_failures",
+        for name in ["eval_every", "eval_max_episode_steps", "probe_states", "learner_threads", "ent_coef", "vf_coef", "max_failures",
                      "actor_max_restarts", "microbatch_size", "hang_timeout_s", "hang_floor_s"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.probe_budget <= 1:
+            raise ConfigError(f"--probe-budget must be in (0, 1] (a share of the run's wall time), got {self.probe_budget}")
+        if 0 < self.probe_states < 16:
+            raise ConfigError(f"--probe-states must be 0 (off) or at least 16 (CKA and a mean TV need a few states), "
+                              f"got {self.probe_states}")
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
             raise ConfigError(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {self.gamma} and {self.gae_lambda}")
         if not math.isfinite(self.alpha) or self.alpha < 0:
@@ -322,7 +331,7 @@ PRESETS: dict[str, dict] = {
     # A few tiny Procgen iterations: finishes within 3 minutes on 2 CPU cores.
     "smoke": dict(env_id="coinrun", distribution_mode="hard", total_steps=2048, num_envs=8, num_steps=64,
                   num_minibatches=2, update_epochs=1, eval_episodes=4, eval_every=1, eval_max_episode_steps=200,
-                  checkpoint_every=1, actor_cpus=0.5, learner_cpus=0.5),
+                  checkpoint_every=1, actor_cpus=0.5, learner_cpus=0.5, probe_states=64),
     # Vector-observation env that checks the learning math through the whole pipeline in about a minute.
     "cartpole": dict(env_id="CartPole-v1", total_steps=120_000, num_envs=8, num_steps=128, num_minibatches=4,
                      update_epochs=4, learning_rate=2.5e-3, anneal_lr=True, gamma=0.99, gae_lambda=0.95, ent_coef=0.0,

@@ -1,5 +1,6 @@
 """Data that crosses process boundaries: rollouts (actor -> learner), weights or a served policy (learner -> actor), an update's
-statistics (learner -> coordinator) and a rollout actor's own report (actor -> coordinator).
+statistics (learner -> coordinator), a rollout actor's own report (actor -> coordinator), and the probe set and an agent's
+outputs on it (driver -> evaluator -> coordinator).
 
 Plain dataclasses of numpy arrays, so Ray ships them through its object store without copies and
 observations stay in their native dtype (uint8 frames for Procgen).
@@ -153,3 +154,44 @@ class Batch:
                 parts[name].append(array.reshape(-1, *array.shape[2:]))
         # One rollout (one actor per learner) is used in place: no copy of its frames (200 MB at the paper's shape).
         return cls(**{k: np.ascontiguousarray(v[0] if len(v) == 1 else np.concatenate(v)) for k, v in parts.items()})
+
+
+@dataclass
+class ProbeSet:
+    """The fixed states the live mechanism metrics are measured on (actors/probes.py): uint8 frames per rendering
+    (`default` first; Procgen's variants after it), driver -> evaluators through Ray's object store, kept in the
+    run directory as probes.npz so a resumed run measures the same states."""
+    env_id: str
+    seed: int
+    renderings: dict[str, np.ndarray]
+    training_level_fraction: float | None     # of its states on training levels; None where levels do not exist
+
+    @property
+    def states(self) -> int:
+        return len(next(iter(self.renderings.values())))
+
+    def to_npz(self) -> bytes:
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, env_id=self.env_id, seed=self.seed, names=np.array(list(self.renderings)),
+                 training_level_fraction=np.nan if self.training_level_fraction is None else self.training_level_fraction,
+                 **{f"obs_{name}": obs for name, obs in self.renderings.items()})
+        return buffer.getvalue()
+
+    @classmethod
+    def from_npz(cls, path) -> "ProbeSet":
+        with np.load(path) as f:
+            fraction = float(f["training_level_fraction"])
+            return cls(str(f["env_id"]), int(f["seed"]), {str(n): f[f"obs_{n}"] for n in f["names"]},
+                       None if np.isnan(fraction) else fraction)
+
+
+@dataclass
+class ProbeOutput:
+    """One agent's outputs on a ProbeSet, evaluator -> coordinator: action probabilities and encoder features per
+    rendering, for the weights of `weights_version` (the coordinator pairs the agents of one version)."""
+    learner_id: int
+    weights_version: int
+    probs: dict[str, np.ndarray]
+    features: dict[str, np.ndarray]

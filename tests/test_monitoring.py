@@ -22,13 +22,14 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from learners.config import ConfigError, TrainConfig
 from learners.peer.client import PeerClient
 from learners.peer.service import serve
 from learners.learner import Learner
 from learners.peer.sync import SyncPoint
-from learners.telemetry.coordinator import CoordinatorTelemetry
+from learners.telemetry.coordinator import CoordinatorTelemetry, RunProgress
 from learners.telemetry.actor import ActorTelemetry, EvaluatorTelemetry
 from learners.telemetry.learner import LearnerTelemetry
 from learners.telemetry.metrics import metrics_port, ports_needed
@@ -123,7 +124,7 @@ def test_every_metric_in_the_dashboard_and_the_rules_is_exported_by_the_code(tmp
     missing = {name: expr for name, expr in used.items() if name not in exported | generated_by_prometheus}
     assert not missing, f"queries name metrics the code does not export: {missing}"
     roles_shown = {name.split("_")[1] for name in used if name.startswith("mdpo_")}
-    assert roles_shown == {"coordinator", "learner", "actor", "evaluator", "distill", "grpc"}
+    assert roles_shown == {"coordinator", "learner", "actor", "evaluator", "distill", "grpc", "probe"}
 
 
 def test_metric_names_follow_prometheus_conventions(tmp_path):
@@ -134,7 +135,7 @@ def test_metric_names_follow_prometheus_conventions(tmp_path):
                 continue
             assert re.fullmatch(r"mdpo_[a-z0-9_]+", family.name), family.name
             assert family.name.split("_")[1] in ("coordinator", "learner", "actor", "evaluator", "distill", "grpc",
-                                                 "run"), family.name
+                                                 "probe", "run"), family.name
             if family.type == "counter":
                 assert not family.name.endswith("_total")   # prometheus_client appends it to the sample
             else:
@@ -216,6 +217,24 @@ def test_dashboard_is_the_panels_table_laid_out_on_the_grid():
     assert [a["name"] for a in board["annotations"]["list"] if a.get("builtIn") == 1] == ["Annotations & Alerts"]
 
 
+def test_mechanism_row_shows_every_probe_metric_the_coordinator_exports(tmp_path):
+    """The "Mechanism (probe set)" row queries the coordinator's mdpo_probe_* gauges, all of them, and nothing else."""
+    board = json.loads(DASHBOARD.read_text())
+    rows = [i for i, p in enumerate(board["panels"]) if p["type"] == "row"] + [len(board["panels"])]
+    (start, end), = [(a, b) for a, b in zip(rows, rows[1:]) if board["panels"][a]["title"] == "Mechanism (probe set)"]
+    panels = board["panels"][start + 1:end]
+    queried = {name for p in panels for t in p["targets"] for name in metric_names(t["expr"])}
+    coordinator = CoordinatorTelemetry(TrainConfig(metrics_port=-1, run_id="t"), tmp_path / "run")
+    exported = {family.name for family in coordinator.registry.collect() if family.name.startswith("mdpo_probe_")}
+    assert queried == exported == {"mdpo_probe_robustness_tv", "mdpo_probe_render_cka", "mdpo_probe_agreement_tv",
+                                   "mdpo_probe_cka", "mdpo_probe_weights_version"}
+    legends = {t["expr"]: t["legendFormat"] for p in panels for t in p["targets"]}
+    assert "{{learner_id}}" in legends[f'mdpo_probe_robustness_tv{{run_id=~"$run_id"}}']
+    assert "{{variant}}" in legends[f'mdpo_probe_render_cka{{run_id=~"$run_id"}}']
+    assert "{{learner_a}}" in legends[f'mdpo_probe_cka{{run_id=~"$run_id"}}']
+    assert "{{learner_b}}" in legends[f'mdpo_probe_agreement_tv{{run_id=~"$run_id"}}']
+
+
 def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():
     sources = yaml.safe_load((GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml").read_text())
     by_uid = {s["uid"]: s for s in sources["datasources"]}
@@ -290,6 +309,76 @@ def test_endpoints_survive_repeated_runs_in_one_process_and_a_taken_port(tmp_pat
             assert sample(scrape(coordinator.address), "mdpo_coordinator_iteration", run_id="busy") is not None
         finally:
             coordinator.close()
+
+
+PROBE = {"weights_version": 12, "states": 256, "training_level_fraction": 0.0,
+         "robustness_tv": {"no_backgrounds": [0.12, 0.10], "monochrome_assets": [0.2, 0.18]},
+         "render_cka": {"no_backgrounds": [0.9, 0.92], "monochrome_assets": [0.7, 0.75]},
+         "agreement_tv": {"0-1": 0.05}, "cka": {"0-1": 0.8}}
+
+
+def probe_samples(text: str) -> dict[str, list[tuple[dict, float]]]:
+    """Every mdpo_probe_* sample of an exposition text: name -> [(labels, value)]."""
+    found: dict[str, list] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(mdpo_probe_\w+)\{(.*)\} (\S+)$", line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2)))
+            found.setdefault(match.group(1), []).append((labels, float(match.group(3))))
+    return found
+
+
+def test_coordinator_exports_the_probe_measurements_once_one_is_made(tmp_path):
+    """No mdpo_probe_* series before the first measurement (a 0 would read as perfect robustness); a record's
+    "probe" block sets one gauge per agent and variant, one per pair of agents, and the weights version; an
+    iteration without a measurement leaves the last one showing."""
+    coordinator = CoordinatorTelemetry(TrainConfig(metrics_port=-1, run_id="probe"), tmp_path / "run")
+    progress = RunProgress(iteration=1, env_steps=[512, 512], failures=0, learner_endpoints=[], actors=[],
+                           evaluators=0)
+    learners = [{"id": 0, "train_return": 1.0}, {"id": 1, "train_return": 2.0}]
+    coordinator.on_iteration(progress, {"iteration": 1, "learners": learners})
+    text = generate_latest(coordinator.registry).decode()
+    assert probe_samples(text) == {}
+    assert "# HELP mdpo_probe_robustness_tv Mean total-variation distance, in [0, 1]" in text   # described already
+
+    coordinator.on_iteration(progress, {"iteration": 2, "learners": learners, "probe": PROBE})
+    run = {"run_id": "probe", "role": "coordinator"}
+    expected = {
+        "mdpo_probe_weights_version": [(run, 12.0)],
+        "mdpo_probe_robustness_tv": [({**run, "learner_id": str(i), "variant": variant}, value)
+                                     for variant, values in PROBE["robustness_tv"].items()
+                                     for i, value in enumerate(values)],
+        "mdpo_probe_render_cka": [({**run, "learner_id": str(i), "variant": variant}, value)
+                                  for variant, values in PROBE["render_cka"].items() for i, value in enumerate(values)],
+        "mdpo_probe_agreement_tv": [({**run, "learner_a": "0", "learner_b": "1"}, 0.05)],
+        "mdpo_probe_cka": [({**run, "learner_a": "0", "learner_b": "1"}, 0.8)],
+    }
+    exposed = probe_samples(generate_latest(coordinator.registry).decode())
+    assert {name: sorted(s, key=str) for name, s in exposed.items()} == \
+        {name: sorted(s, key=str) for name, s in expected.items()}
+    assert coordinator.registry.get_sample_value("mdpo_probe_robustness_tv", {
+        **run, "learner_id": "1", "variant": "monochrome_assets"}) == 0.18
+
+    coordinator.on_iteration(progress, {"iteration": 3, "learners": learners})
+    assert probe_samples(generate_latest(coordinator.registry).decode()) == exposed
+
+
+def test_probe_gauges_take_every_pair_of_more_than_two_agents_and_envs_without_renderings(tmp_path):
+    """Three agents on a non-Procgen env: no robustness block, a gauge for each of the three pairs."""
+    coordinator = CoordinatorTelemetry(TrainConfig(metrics_port=-1, run_id="three"), tmp_path / "run")
+    progress = RunProgress(iteration=1, env_steps=[0, 0, 0], failures=0, learner_endpoints=[], actors=[],
+                           evaluators=0)
+    probe = {"weights_version": 3, "states": 64, "training_level_fraction": 0.0, "robustness_tv": {},
+             "agreement_tv": {"0-1": 0.1, "0-2": 0.2, "1-2": 0.3}, "cka": {"0-1": 0.9, "0-2": 0.8, "1-2": 0.7}}
+    coordinator.on_iteration(progress, {"iteration": 1, "learners": [], "probe": probe})
+    get = coordinator.registry.get_sample_value
+    run = {"run_id": "three", "role": "coordinator"}
+    for pair, value in probe["agreement_tv"].items():
+        a, b = pair.split("-")
+        assert get("mdpo_probe_agreement_tv", {**run, "learner_a": a, "learner_b": b}) == value
+        assert get("mdpo_probe_cka", {**run, "learner_a": a, "learner_b": b}) == probe["cka"][pair]
+    exposed = probe_samples(generate_latest(coordinator.registry).decode())
+    assert set(exposed) == {"mdpo_probe_weights_version", "mdpo_probe_agreement_tv", "mdpo_probe_cka"}
 
 
 def test_grpc_calls_are_counted_by_status_code_on_both_ends():
@@ -469,16 +558,28 @@ def test_real_prometheus_scrapes_a_smoke_training_and_every_dashboard_and_rule_q
 
         queries = {f"{title}: {expr}": expr.replace("$run_id", "smoke-monitored").replace("$__rate_interval", "2m")
                    for title, expr in dashboard_queries()}
+        # The probe row has data only once a probe measurement has completed (at an evaluation, not every
+        # iteration): its queries must always answer, and return data once metrics.jsonl has a "probe" block.
+        probe_queries = {name for name, expr in queries.items()
+                         if all(metric.startswith("mdpo_probe_") for metric in metric_names(expr))}
         pending, answers = dict(queries), {}
-        while pending and train.poll() is None and time.monotonic() < deadline:
+
+        def without_data() -> list[str]:
+            probed = (run_dir / "metrics.jsonl").exists() and '"probe":' in (run_dir / "metrics.jsonl").read_text()
+            return [name for name in pending if probed or name not in probe_queries]
+
+        while (missing := without_data()) and train.poll() is None and time.monotonic() < deadline:
             for name, expr in list(pending.items()):
                 answers[name] = _api(base, "/api/v1/query", query=expr)
                 if _finite_series(answers[name]):
                     del pending[name]
             time.sleep(2)
         timeline.append(("dashboard queries answered", round(time.monotonic() - t0, 1)))
-        assert not pending, "dashboard queries without data:\n" + "\n".join(
-            f"{name}\n  -> {json.dumps(answers.get(name))[:300]}" for name in pending) + "\n" + logs()
+        missing = [name for name in missing if name in pending]     # answered in the loop's last round
+        assert not missing, "dashboard queries without data:\n" + "\n".join(
+            f"{name}\n  -> {json.dumps(answers.get(name))[:300]}" for name in missing) + "\n" + logs()
+        for name in pending:                        # probe queries asked before the first measurement
+            assert answers[name]["status"] == "success", (name, answers[name])
 
         targets = _api(base, "/api/v1/targets")["data"]["activeTargets"]
         scraped = {t["labels"]["instance"]: t for t in targets if t["labels"].get("run_id") == "smoke-monitored"}

@@ -80,3 +80,25 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == "ckpt-000004"
     assert json.loads((run_dir / "config.json").read_text())["env_id"] == "coinrun"
+
+    # The mechanism metrics (actors/probes.py): the first evaluation measures the probe set kept in the run directory
+    # (the smoke preset's 64 states), and the numbers reach metrics.jsonl with their weights version, TensorBoard and
+    # summary.json.
+    from learners.coordinator.tensorboard import read_scalars
+    from learners.records import ProbeSet
+
+    probe_set = ProbeSet.from_npz(run_dir / "probes.npz")
+    assert probe_set.states == 64 and list(probe_set.renderings) == ["default", "no_backgrounds", "monochrome_assets"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    measured = [r["probe"] for r in records if "probe" in r]
+    assert measured, "no evaluation measured the probe set"
+    for probe in measured + [summary["probe"]]:
+        assert probe["states"] == 64 and probe["weights_version"] > 0
+        assert set(probe["robustness_tv"]) == set(probe["render_cka"]) == {"no_backgrounds", "monochrome_assets"}
+        assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in probe["robustness_tv"].values())
+        assert set(probe["agreement_tv"]) == set(probe["cka"]) == {"0-1"} and 0 <= probe["agreement_tv"]["0-1"] <= 1
+    scalars = read_scalars(run_dir)
+    first = next(r for r in records if "probe" in r)
+    assert scalars["probe/robustness_tv/no_backgrounds/agent1"][0] == (
+        first["env_steps"], pytest.approx(first["probe"]["robustness_tv"]["no_backgrounds"][1], rel=1e-6))
+    assert scalars["probe/cka/agents0-1"][0][1] == pytest.approx(first["probe"]["cka"]["0-1"], rel=1e-6)

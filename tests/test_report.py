@@ -12,7 +12,7 @@ import pytest
 
 from learners.config import ConfigError, TrainConfig
 from learners.study.procgen_scores import RETURN_RANGES, normalized_score
-from learners.study.report import ReportConfig, build_report, group_runs, stats
+from learners.study.report import ReportConfig, build_report, group_runs, run_probe_curves, stats
 from learners.study.runs import Run
 from tests.study import CELLS, GAME, tiny_study
 
@@ -165,11 +165,13 @@ def test_robustness_table_equals_recomputation_from_the_analyses(study, report_d
 
 @pytest.mark.slow
 def test_report_has_the_figures_and_lists_what_it_left_out(study, report_dir):
+    # probe-<game>: the mechanism metrics every cell measured live (the first evaluation always measures).
     for name in ["returns.png", "returns.svg", "generalization_gap.png", "generalization_gap.svg", "robustness.png",
-                 "robustness.svg", f"tsne-{GAME}.png"]:
+                 "robustness.svg", f"tsne-{GAME}.png", f"probe-{GAME}.png", f"probe-{GAME}.svg", "probe_curves.csv"]:
         path = report_dir / name
-        assert path.stat().st_size > 1000, name
-        assert path.read_bytes().startswith(b"\x89PNG" if name.endswith("png") else b"<?xml")
+        assert path.stat().st_size > (100 if name.endswith(".csv") else 1000), name
+        if not name.endswith(".csv"):
+            assert path.read_bytes().startswith(b"\x89PNG" if name.endswith("png") else b"<?xml")
     md = (report_dir / "report.md").read_text()
     for image in re.findall(r"\]\(([^)]+)\)", md):
         assert (report_dir / image).exists(), image
@@ -184,3 +186,101 @@ def test_report_names_each_method_from_its_runs_config(report_dir):
     section = md.split("## Methods", 1)[1]
     assert re.search(r"\| mdpo \| MDPO, the authors' objective \(alpha 1; the KL gradient flows into both", section)
     assert re.search(r"\| ppo \| PPO baseline \(the authors' ppo.py: alpha 0, each agent's loss not halved", section)
+
+
+# --- probe curves, from synthetic run directories (no training) ---------------------------------------------
+
+def probe(tv_nb, tv_mono, cka_nb, cka_mono, agreement=None, cka=None) -> dict:
+    """A metrics.jsonl `probe` block; per-variant values are lists over learner ids, pair values one "0-1" pair."""
+    return {"weights_version": 3, "states": 8, "training_level_fraction": 0.0,
+            "robustness_tv": {"no_backgrounds": tv_nb, "monochrome_assets": tv_mono},
+            "render_cka": {"no_backgrounds": cka_nb, "monochrome_assets": cka_mono},
+            "agreement_tv": {} if agreement is None else {"0-1": agreement},
+            **({} if cka is None else {"cka": {"0-1": cka}})}
+
+
+def synthetic_run(root: Path, game: str, method: str, seed: int, probes: list[dict | None], learners: int = 2):
+    """A completed run directory as `mdpo train` leaves it, one metrics.jsonl record per entry of `probes` (None:
+    a record without a `probe` block), at env steps 512, 1024, ..."""
+    run = root / game / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    TrainConfig(env_id=game, seed=seed, num_learners=learners, alpha=0.0 if method == "ppo" else 1.0,
+                distill_mode="exact").save(run / "config.json")
+    agents = [{"id": i, "train_return": 1.0, "test_return": 0.5} for i in range(learners)]
+    with (run / "metrics.jsonl").open("w") as f:
+        for i, block in enumerate(probes):
+            record = {"iteration": i + 1, "env_steps": 512 * (i + 1), "learners": agents}
+            if block is not None:
+                record["probe"] = block
+            f.write(json.dumps(record) + "\n")
+    finals = [{"id": i, "final_train_return": 1.0, "final_test_return": 0.5, "generalization_gap": 0.5}
+              for i in range(learners)]
+    (run / "summary.json").write_text(json.dumps({"completed": True, "learners": finals}))
+
+
+def test_probe_curves_are_means_over_agents_pairs_then_seeds(tmp_path):
+    # mdpo, two learners: seed 2's measurement at 1024 steps did not complete (no probe block there).
+    synthetic_run(tmp_path, "chaser", "mdpo", 1, [
+        probe([0.1, 0.3], [0.2, 0.4], [0.9, 0.7], [0.5, 0.7], agreement=0.05, cka=0.8),
+        probe([0.1, 0.1], [0.3, 0.3], [0.8, 0.8], [0.6, 0.6], agreement=0.04, cka=0.9)])
+    synthetic_run(tmp_path, "chaser", "mdpo", 2, [
+        probe([0.3, 0.5], [0.4, 0.4], [0.7, 0.7], [0.5, 0.5], agreement=0.07, cka=0.6), None])
+    # An mdpo run from before the probe: it counts in the returns, never in a probe curve.
+    synthetic_run(tmp_path, "chaser", "mdpo", 3, [None, None])
+    # ppo, one learner per run: robustness and render CKA, no pair metrics (agreement_tv {} and cka absent).
+    synthetic_run(tmp_path, "chaser", "ppo", 1, [probe([0.4], [0.6], [0.5], [0.3])] * 2, learners=1)
+    synthetic_run(tmp_path, "chaser", "ppo", 2, [probe([0.2], [0.2], [0.7], [0.3])] * 2, learners=1)
+    # A game none of whose runs has a probe record.
+    synthetic_run(tmp_path, "bigfish", "mdpo", 1, [None, None])
+
+    paths = build_report(ReportConfig(tmp_path))
+    out = tmp_path / "report"
+    rows = {(r["game"], r["method"], r["metric"], r["variant"], int(r["env_steps"])): r
+            for r in read_csv(out / "probe_curves.csv")}
+
+    def check(key, mean, std, n):
+        row = rows[key]
+        assert close(num(row["mean"]), mean) and close(num(row["std"]), std) and int(row["n"]) == n, (key, row)
+
+    # Hand-computed: the mean over agents (or pairs) per run, then mean and sample std over the seeds present.
+    check(("chaser", "mdpo", "robustness_tv", "no_backgrounds", 512), 0.3, np.sqrt(0.02), 2)           # 0.2, 0.4
+    check(("chaser", "mdpo", "robustness_tv", "monochrome_assets", 512), 0.35, np.sqrt(0.005), 2)      # 0.3, 0.4
+    check(("chaser", "mdpo", "render_cka", "no_backgrounds", 512), 0.75, np.sqrt(0.005), 2)            # 0.8, 0.7
+    check(("chaser", "mdpo", "agreement_tv", "", 512), 0.06, np.sqrt(0.0002), 2)                       # 0.05, 0.07
+    check(("chaser", "mdpo", "cka", "", 512), 0.7, np.sqrt(0.02), 2)                                   # 0.8, 0.6
+    check(("chaser", "mdpo", "robustness_tv", "no_backgrounds", 1024), 0.1, None, 1)                   # seed 1 only
+    check(("chaser", "mdpo", "cka", "", 1024), 0.9, None, 1)
+    check(("chaser", "ppo", "robustness_tv", "no_backgrounds", 1024), 0.3, np.sqrt(0.02), 2)           # 0.4, 0.2
+    check(("chaser", "ppo", "render_cka", "monochrome_assets", 512), 0.3, 0.0, 2)
+    assert len(rows) == 2 * 6 + 2 * 4                       # mdpo: 6 curves x 2 steps; ppo: 4 curves x 2 steps
+    assert not any(k[1] == "ppo" and k[2] in ("agreement_tv", "cka") for k in rows)   # no pair curves for PPO
+    assert not any(k[0] == "bigfish" for k in rows)
+
+    for name in ["probe-chaser.png", "probe-chaser.svg"]:
+        assert (out / name).stat().st_size > 1000 and paths[name.replace(".", "_")] == out / name
+    assert not list(out.glob("probe-bigfish*"))             # no probe records at all: no figure
+    md = (out / "report.md").read_text()
+    assert "![probe chaser](probe-chaser.png)" in md
+    assert "No probe records (runs from before the probe, or with it off): bigfish" in md
+    for image in re.findall(r"\]\(([^)]+)\)", md):
+        assert (out / image).exists(), image
+
+
+def test_a_study_without_probe_records_reports_as_before(tmp_path):
+    synthetic_run(tmp_path, "chaser", "mdpo", 1, [None, None])
+    synthetic_run(tmp_path, "chaser", "ppo", 1, [{}, None])           # an empty block counts as none
+    paths = build_report(ReportConfig(tmp_path))
+    out = tmp_path / "report"
+    assert "probe_csv" not in paths and not (out / "probe_curves.csv").exists() and not list(out.glob("probe-*"))
+    md = (out / "report.md").read_text()
+    assert "probe states" not in md and "](probe-" not in md
+    assert (out / "returns.png").exists() and read_csv(out / "curves.csv")
+
+
+def test_probe_pair_metrics_average_every_pair_of_three_learners():
+    record = {"env_steps": 256, "learners": [], "probe": {
+        "robustness_tv": {"no_backgrounds": [0.1, 0.2, 0.6]},
+        "agreement_tv": {"0-1": 0.1, "0-2": 0.2, "1-2": 0.6}, "cka": {"0-1": 0.9, "0-2": 0.6, "1-2": 0.6}}}
+    curves = run_probe_curves(Run(Path("r"), TrainConfig(num_learners=3), [record], None, None, None))
+    assert {key: curve[256] for key, curve in curves.items()} == pytest.approx(
+        {("robustness_tv", "no_backgrounds"): 0.3, ("agreement_tv", ""): 0.3, ("cka", ""): 0.7})

@@ -14,7 +14,7 @@ from learners.checkpoint import latest_checkpoint, tensors_from_bytes
 from learners.config import ConfigError, TrainConfig
 from learners.model import make_agent
 from learners.study.robustness import (PROCGEN_OBS, TEST_SEED_OFFSET, AnalyzeConfig, agreement_tv, analyze_run,
-                                 collect_paired_observations, robustness_tv, tv_distance)
+                                 collect_observations, robustness_tv, tv_distance)
 from tests.study import ANALYZE, CELLS, GAME, tiny_study
 
 # chaser and fruitbot end episodes and pay rewards often under random actions; starpilot and coinrun too, less often.
@@ -99,7 +99,7 @@ def test_tv_distance_closed_forms():
 
 def test_a_policy_that_ignores_pixels_is_perfectly_robust_and_a_random_cnn_is_not():
     cfg = AnalyzeConfig(num_envs=2, num_steps=8, variants=("no_backgrounds",), tsne_points=0)
-    obs, _ = collect_paired_observations("coinrun", "hard", cfg)
+    obs, _ = collect_observations("coinrun", "hard", cfg)
     torch.manual_seed(0)
     agent = make_agent(*PROCGEN_OBS)
     assert robustness_tv(agent, obs[DEFAULT_RENDERING], obs["no_backgrounds"]) > 1e-5
@@ -196,3 +196,33 @@ def test_agent_driven_states_are_reproducible_and_differ_from_random_ones(study,
     assert first["robustness_tv"] == second["robustness_tv"] and first["agreement_tv"] == second["agreement_tv"]
     random = analyze_run(run, AnalyzeConfig(num_envs=2, num_steps=24, driver="random", seed=5, tsne_points=0))
     assert random["robustness_tv"] != first["robustness_tv"]
+
+
+@pytest.mark.slow
+def test_mdpo_analyze_and_the_live_metrics_agree_on_one_checkpoint_and_the_runs_probe_states(study, tmp_path):
+    """The evaluator's live measurement (the code every evaluation runs) and `mdpo analyze` with the probe set's
+    shape and seed give the same numbers for the same checkpoint: one copy of the measures, the same states."""
+    import dataclasses
+    import shutil
+
+    from actors.evaluator import Evaluator
+    from actors.probes import PROBE_ENVS, probe_metrics
+    from learners.records import ProbeSet, Weights
+
+    run = shutil.copytree(study.root / GAME / "mdpo" / "seed2", tmp_path / "run")   # keep the study's analysis intact
+    cfg = dataclasses.replace(TrainConfig.load(run / "config.json"), metrics_port=-1)   # no /metrics endpoint here
+    probe = ProbeSet.from_npz(run / "probes.npz")           # what every evaluation of this run measured on
+    assert probe.states == cfg.probe_states
+    agents = []
+    for blob in latest_checkpoint(run / "checkpoints").learners:
+        agent = make_agent(*PROCGEN_OBS)
+        agent.load_state_dict(tensors_from_bytes(blob)["model"])
+        agents.append(agent.eval())
+    outputs = [Evaluator(cfg, i, 10**8 + i).evaluate(Weights.from_module(4, a), probe)["probe"] for i, a in enumerate(agents)]
+    live = probe_metrics(outputs, probe)
+    analyzed = analyze_run(run, AnalyzeConfig(num_envs=PROBE_ENVS, num_steps=probe.states // PROBE_ENVS, seed=cfg.seed,
+                                              tsne_points=0))
+    assert analyzed["states"] == live["states"] and analyzed["training_level_fraction"] == live["training_level_fraction"]
+    for variant, values in analyzed["robustness_tv"].items():
+        np.testing.assert_allclose(live["robustness_tv"][variant], values, atol=1e-5)
+    assert live["agreement_tv"]["0-1"] == pytest.approx(analyzed["agreement_tv"], abs=1e-5)

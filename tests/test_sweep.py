@@ -172,6 +172,8 @@ def test_an_interrupted_sweep_stops_its_cells_with_a_checkpoint_and_the_rerun_re
     for cell in resumed:
         log = (study.root / cell / "train.log").read_text()
         assert log.count("=== mdpo sweep") == 2 and "--resume" in log and "resumed from" in log
+        # The probe set is built once; the resumed session measures the same states, from the run directory.
+        assert log.count("probe set:") == 1 and (study.root / cell / "probes.npz").exists(), log[-3000:]
 
 
 @pytest.mark.slow

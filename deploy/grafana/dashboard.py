@@ -159,6 +159,29 @@ PANELS: list[tuple[str, list[tuple[str, str, str, str, list[tuple[str, str]]]]]]
          [(sel("mdpo_learner_device_memory_bytes"), "learner {{learner_id}} ({{device}})"),
           (sel("process_resident_memory_bytes"), "RSS {{instance}}")]),
     ]),
+    # Last, so the rows above keep their panel ids and places. Measured by the driver on a fixed probe set of states
+    # at some evaluations, for agents of one weights version: the series step from one measurement to the next.
+    ("Mechanism (probe set)", [
+        ("Robustness: action TV between renderings", "timeseries", "none",
+         "Mean total-variation distance (0 to 1) between an agent's action distributions on two renderings of the "
+         "same states, per rendering variant; lower is more robust. Procgen only.",
+         [(sel("mdpo_probe_robustness_tv"), "agent {{learner_id}} · {{variant}}")]),
+        ("Render CKA: features across renderings", "timeseries", "none",
+         "Linear CKA between an agent's encoder features of two renderings of the same states, per variant; 1 is "
+         "the same representation up to rotation and scale. Procgen only.",
+         [(sel("mdpo_probe_render_cka"), "agent {{learner_id}} · {{variant}}")]),
+        ("Agreement: action TV between agents", "timeseries", "none",
+         "Mean total-variation distance (0 to 1) between two agents' action distributions on the same states; "
+         "lower is more agreement.",
+         [(sel("mdpo_probe_agreement_tv"), "agents {{learner_a}}–{{learner_b}}")]),
+        ("CKA between agents", "timeseries", "none",
+         "Linear CKA between two agents' encoder features on the same states; 1 is the same representation up to "
+         "rotation and scale.",
+         [(sel("mdpo_probe_cka"), "agents {{learner_a}}–{{learner_b}}")]),
+        ("Probe: weights version measured", "stat", "short",
+         "Weights version (optimizer steps) of the agents the last probe measurement is of.",
+         [(sel("mdpo_probe_weights_version"), "{{run_id}}")]),
+    ]),
 ]
 
 

@@ -159,7 +159,7 @@ def _scaling(cfg: TrainConfig, spec, max_actors: int, tmp: Path, memory: MemoryS
 
 def _memory(cfg: TrainConfig, spec, memory: MemorySampler, stages: dict, e2e: dict) -> dict:
     training = memory.summary("policy_lag_off", "policy_lag_on")
-    stage_memory = memory.summary("actor", "actor_evaluating", "stages")
+    stage_memory = memory.summary("actor", "actor_evaluating", "actor_probing", "stages")
     # The end-to-end runs do not evaluate; in a run of the preset the first actor of each learner also
     # evaluates it, which adds what the stage measured to that actor's peak (never less than nothing).
     evaluators = cfg.num_learners if preset(spec.preset).eval_every else 0
@@ -169,6 +169,24 @@ def _memory(cfg: TrainConfig, spec, memory: MemorySampler, stages: dict, e2e: di
     return {"training": training, "stages": stage_memory, "evaluators": evaluators,
             "evaluation_added_bytes": evaluators * added, "run_total_bytes": default_run + evaluators * added,
             "bench_process_peak_rss_bytes": own_peak_rss_bytes(), "sampler_cpu_seconds": memory.cpu_seconds}
+
+
+def probe_cost(run: TrainConfig, probe: dict, e2e: dict) -> dict:
+    """What the live mechanism metrics cost a run of the preset (`run`): its wall time from the measured end-to-end
+    rate (start-up left out), its evaluations, each measuring the probe set in every learner's evaluator for the
+    stage's measured seconds, either at every evaluation or as --probe-budget lets them (Evaluations.probe_due)."""
+    iteration_seconds = run.batch_size * run.num_learners / e2e["env_steps_per_second"]
+    wall = run.num_iterations * iteration_seconds
+    due = [k * run.eval_every * iteration_seconds for k in range(1, run.num_iterations // run.eval_every + 1)] + [wall]
+    per_round = run.num_learners * probe["seconds"]
+    spent, rounds = 0.0, 0
+    for t in due:
+        if spent + (per_round if rounds else 0.0) <= run.probe_budget * t:
+            spent, rounds = spent + per_round, rounds + 1
+    return {"states": probe["states"], "build_seconds": probe["build_seconds"], "seconds_per_agent": probe["seconds"],
+            "run_wall_seconds": wall, "evaluations": len(due), "rounds_within_budget": rounds,
+            "budget": run.probe_budget, "budgeted_fraction": spent / wall,
+            "every_evaluation_fraction": len(due) * per_round / wall, "added_pss_bytes": probe["added_pss_bytes"]}
 
 
 def device_cost_rows(cfg: TrainConfig, spec: BenchSize, stages: dict) -> dict:
@@ -236,6 +254,7 @@ def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | 
                 out["scaling"] += _scaling(cfg, spec, max_actors, Path(tmp), memory, say)
             out["scaling"].sort(key=lambda r: r["actors_per_learner"])
             out["memory"] = _memory(cfg, spec, memory, stages, e2e)
+            out["probe_cost"] = probe_cost(preset(spec.preset), stages["probe"], e2e["policy_lag_off"])
     finally:
         if owns_ray:
             ray.shutdown()

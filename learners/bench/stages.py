@@ -100,16 +100,17 @@ def measure_actor_stages(cfg: TrainConfig, spec: BenchSize, memory: MemorySample
             env_rate = ray.get(actor.__ray_call__.remote(_probe_env_rate, spec.stage_seconds))
             ray.get(actor.collect.remote(weights))           # the same work as below, without the evaluation
             served_rate = _served_actor_rate(stage_cfg, actor, spec.stage_seconds)
-        with memory.phase("actor_evaluating"):
-            pending = actor.evaluate.remote(weights)
-            collects = 0
-            while not collects or not ray.wait([pending], timeout=0)[0]:
-                ray.get(actor.collect.remote(weights))
-                collects += 1
-            evaluation = ray.get(pending)
+        evaluation, collects = _evaluate_beside_collection(actor, weights, memory, "actor_evaluating")
+        # The same evaluation measuring the preset's probe set (actors/probes.py): its forward passes on their own,
+        # the set's building apart (once a run), and what holding set and outputs adds to the process's peak.
+        t0 = time.perf_counter()
+        probe = ray.get(actor.probe_set.remote()) if stage_cfg.probe_states else None
+        build_seconds = time.perf_counter() - t0
+        probed, _ = _evaluate_beside_collection(actor, weights, memory, "actor_probing", probe)
     finally:
         ray.kill(actor)
-    pss = {phase: memory.summary(phase)["kinds"]["actor"]["peak_pss_bytes"] for phase in ("actor", "actor_evaluating")}
+    pss = {phase: memory.summary(phase)["kinds"]["actor"]["peak_pss_bytes"]
+           for phase in ("actor", "actor_evaluating", "actor_probing")}
     return {"env": {"env_steps_per_second": env_rate, "envs": cfg.envs_per_actor},
             "actor": {**actor_rate, "envs": cfg.envs_per_actor, "steps_per_rollout": stage_cfg.num_steps},
             "actor_served": {**served_rate, "ratio_to_local": served_rate["env_steps_per_second"]
@@ -117,4 +118,18 @@ def measure_actor_stages(cfg: TrainConfig, spec: BenchSize, memory: MemorySample
             "evaluator": {"seconds": evaluation["seconds"], "episodes": len(evaluation["test_returns"]),
                           "env_steps": int(sum(evaluation["test_lengths"])), "collects_beside": collects,
                           "actor_peak_pss_bytes": pss["actor"], "evaluating_peak_pss_bytes": pss["actor_evaluating"],
-                          "added_pss_bytes": pss["actor_evaluating"] - pss["actor"]}}
+                          "added_pss_bytes": pss["actor_evaluating"] - pss["actor"]},
+            "probe": {"states": stage_cfg.probe_states, "build_seconds": build_seconds,
+                      "seconds": probed.get("probe_seconds", 0.0), "probing_peak_pss_bytes": pss["actor_probing"],
+                      "added_pss_bytes": pss["actor_probing"] - pss["actor_evaluating"]}}
+
+
+def _evaluate_beside_collection(actor, weights, memory: MemorySampler, phase: str, probe=None) -> tuple[dict, int]:
+    """One evaluation (with the probe set, if given) while the same actor keeps collecting, as in training."""
+    with memory.phase(phase):
+        pending = actor.evaluate.remote(weights, probe)
+        collects = 0
+        while not collects or not ray.wait([pending], timeout=0)[0]:
+            ray.get(actor.collect.remote(weights))
+            collects += 1
+        return ray.get(pending), collects

@@ -134,6 +134,15 @@ def _memory_rows(row, r: dict) -> None:
     else:   # results saved when evaluators were processes of their own
         row(f"  a run of the preset (lag off + {r['memory']['evaluators']} evaluators)",
             r["memory"]["run_total_bytes"] / 2**20, "MiB")
+    if "probe_cost" in r:     # results saved before the live mechanism metrics have none
+        p = r["probe_cost"]
+        row(f"probe set ({p['states']} states): building it, once a run", p["build_seconds"], "s", "{:.2f}")
+        row("  measuring it: forward passes of one agent, one evaluation", p["seconds_per_agent"], "s", "{:.2f}")
+        row(f"  a run of the preset ({p['run_wall_seconds']:.0f} s, {p['evaluations']} evaluations), every one "
+            "measuring", 100 * p["every_evaluation_fraction"], "% of its wall time", "{:.1f}")
+        row(f"  the same within --probe-budget {p['budget']:g} ({p['rounds_within_budget']} measured)",
+            100 * p["budgeted_fraction"], "% of its wall time", "{:.1f}")
+        row("  added peak memory of the evaluating actor", p["added_pss_bytes"] / 2**20, "MiB PSS", "{:,.1f}")
 
 
 def main(args) -> int:

@@ -1,24 +1,71 @@
 """Evaluation on unseen levels without blocking the loop: each learner's latest weights go to the Evaluator hosted
-by its actor 0 (actors/evaluator.py), at most one evaluation per learner in flight, results picked up when ready."""
+by its actor 0 (actors/evaluator.py), at most one evaluation per learner in flight, results picked up when ready.
+
+With a probe set (actors/probes.py) every evaluation also returns the agent's outputs on it. No process but this
+one sees two agents, so the mechanism metrics (robustness, agreement, CKA) are computed here, once every learner's
+outputs for one weights version have come in; evaluations skipped while one is in flight leave a version
+incomplete, and a later complete one supersedes it."""
 
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 import ray
 
+from actors.probes import probe_metrics
+from learners.files import atomic_write
+from learners.records import ProbeOutput, ProbeSet
+
 log = logging.getLogger("mdpo")
+PROBES_FILE = "probes.npz"
+
+
+def load_probe_set(run_dir: Path, evaluator, get) -> ProbeSet:
+    """The run's probe set: kept in the run directory, so a resumed run measures the same states; else built by
+    `evaluator`'s process (the driver would otherwise load Procgen's assets, ~350 MB, for it), awaited with `get`
+    (the coordinator's bounded wait)."""
+    path = Path(run_dir) / PROBES_FILE
+    if path.exists():
+        return ProbeSet.from_npz(path)
+    t0 = time.perf_counter()
+    (probe,) = get([evaluator.probe_set.remote()], "probe set")
+    atomic_write(path, probe.to_npz())
+    fraction = probe.training_level_fraction
+    log.info("probe set: %d states of %s (%s) built in %.1fs%s", probe.states, probe.env_id, ", ".join(probe.renderings),
+             time.perf_counter() - t0, "" if fraction is None else f", {fraction:.1%} of them on training levels")
+    return probe
 
 
 class Evaluations:
-    def __init__(self, num_learners: int):
+    def __init__(self, num_learners: int, probe_budget: float = 1.0):
+        self.num_learners, self.probe_budget = num_learners, probe_budget
+        self.probe_seconds = 0.0                                # spent measuring probes, all evaluators together
+        self.probe_round_seconds = 0.0                          # the last measurement of every learner together
+        self.round_cost: dict[int, float] = {}                  # weights version -> its measurements' seconds so far
         self.last: list[dict | None] = [None] * num_learners    # per learner, the latest finished evaluation
         self.in_flight: dict = {}                               # Ray reference -> learner
+        self.probe: ProbeSet | None = None                      # the run's probe set, if it measures one
+        self.probe_ref = None                                   # ... in Ray's object store, handed with each call
+        self.outputs: dict[int, dict[int, ProbeOutput]] = {}    # weights version -> learner -> its probe outputs
+        self.measured: dict | None = None                       # the newest paired measurement, not yet in a record
+        self.last_measured: dict | None = None                  # the newest paired measurement (summary.json)
 
-    def launch(self, evaluators: list, learners: list) -> None:
+    def use_probe(self, probe: ProbeSet) -> None:
+        self.probe, self.probe_ref = probe, ray.put(probe)
+
+    def probe_due(self, wall_seconds: float) -> bool:
+        """Measure the probe set in this round of evaluations? Within the budget share of the run's time so far, one
+        more measurement included (the first is always due: every run gets one early on)."""
+        return (self.probe_ref is not None
+                and self.probe_seconds + self.probe_round_seconds <= self.probe_budget * wall_seconds)
+
+    def launch(self, evaluators: list, learners: list, wall_seconds: float = float("inf")) -> None:
+        extra = (self.probe_ref,) if self.probe_due(wall_seconds) else ()
         for i, evaluator in enumerate(evaluators):
             if i not in self.in_flight.values():
-                self.in_flight[evaluator.evaluate.remote(learners[i].weights.remote())] = i
+                self.in_flight[evaluator.evaluate.remote(learners[i].weights.remote(), *extra)] = i
 
     def poll(self, timeout: float = 0) -> None:
         if not self.in_flight:
@@ -27,16 +74,45 @@ class Evaluations:
         for ref in ready:
             i = self.in_flight.pop(ref)
             try:
-                self.last[i] = ray.get(ref)
+                result = ray.get(ref)
             except ray.exceptions.RayError as err:
                 # Best effort: the host actor is restarted by Ray (or replaced by the failure handling), and the
                 # next evaluation goes to it.
                 log.warning("evaluation of learner %d failed (%s); the next one goes on", i, type(err).__name__)
+                continue
+            output = result.pop("probe", None)     # arrays: kept only until paired, never in checkpoints
+            self.last[i] = result
+            self.probe_seconds += result.get("probe_seconds", 0.0)
+            if output is not None:
+                self._pair(output, result["probe_seconds"])
 
-    def final(self, evaluators: list, learners: list, timeout: float = 600) -> None:
+    def _pair(self, output: ProbeOutput, seconds: float) -> None:
+        version = output.weights_version
+        outputs = self.outputs.setdefault(version, {})
+        outputs[output.learner_id] = output
+        self.round_cost[version] = self.round_cost.get(version, 0.0) + seconds
+        if len(outputs) == self.num_learners:
+            self.probe_round_seconds = self.round_cost.pop(version)
+            self.round_cost = {v: c for v, c in self.round_cost.items() if v > version}
+            self.measured = self.last_measured = probe_metrics(list(outputs.values()), self.probe)
+            self.outputs = {v: o for v, o in self.outputs.items() if v > version}
+
+    def take_measured(self) -> dict | None:
+        """The paired measurement that came in since the last record, once."""
+        measured, self.measured = self.measured, None
+        return measured
+
+    def reset(self) -> None:
+        """After a rollback: what is in flight or half paired belongs to weights the run no longer has."""
+        self.in_flight.clear()
+        self.outputs.clear()
+        self.round_cost.clear()
+        self.measured = None
+
+    def final(self, evaluators: list, learners: list, wall_seconds: float, timeout: float = 600) -> None:
         """The summary's test return is that of the final weights: wait for one last evaluation."""
         if not evaluators:
             return
         self.poll(timeout)          # let in-flight evaluations finish first
-        self.launch(evaluators, learners)
+        self.launch(evaluators, learners, wall_seconds)
         self.poll(timeout)

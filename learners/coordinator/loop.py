@@ -17,7 +17,7 @@ from learners.checkpoint import latest_checkpoint, save_checkpoint
 from learners.config import TrainConfig
 from learners.coordinator.actors import ActorBook
 from learners.coordinator.cluster import connect_ray, learner_placement, rollout_placement
-from learners.coordinator.evaluations import Evaluations
+from learners.coordinator.evaluations import Evaluations, load_probe_set
 from learners.coordinator.failures import (HangBounds, HangDetected, RunStopped, TrainingDiverged, await_rollouts,
                                            is_hang, is_process_failure, wait_all)
 from learners.peer.security import channel_token
@@ -45,7 +45,7 @@ class Coordinator:
         self.iteration = 0
         self.env_steps = [0] * cfg.num_learners
         self.returns = [deque(maxlen=cfg.return_window) for _ in range(cfg.num_learners)]
-        self.evals = Evaluations(cfg.num_learners)
+        self.evals = Evaluations(cfg.num_learners, cfg.probe_budget)
         self.sync_totals = {"syncs": 0, "seconds": 0.0, "bytes_sent": 0, "bytes_received": 0}
         self.wall_offset = 0.0
         self.stop_signal: int | None = None
@@ -79,6 +79,8 @@ class Coordinator:
             num_cpus=cfg.actor_cpus, max_restarts=cfg.actor_max_restarts, max_task_retries=cfg.actor_max_restarts,
             **self._actor_placement)
         self.actors = [[self._new_actor(i, a) for a in range(cfg.num_actors)] for i in range(cfg.num_learners)]
+        if cfg.eval_every and cfg.probe_states:   # the same states at every evaluation, resumed runs included
+            self.evals.use_probe(load_probe_set(self.run_dir, self.evaluators[0], self._get))
         if self.resume:
             self._restore()
         else:
@@ -135,7 +137,7 @@ class Coordinator:
     # ------------------------------------------------------------- the loop
     def run(self, progress=None) -> dict:
         cfg = self.cfg
-        t_start = time.perf_counter() - self.wall_offset
+        t_start = self.t_start = time.perf_counter() - self.wall_offset
         previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
         for sig in previous:
             signal.signal(sig, self._on_signal)
@@ -148,7 +150,7 @@ class Coordinator:
             if self.stop_signal is not None:
                 self.checkpoint(time.perf_counter() - t_start)
             else:
-                self.evals.final(self.evaluators, self.learners)
+                self.evals.final(self.evaluators, self.learners, time.perf_counter() - t_start)
             summary = self.write_outputs(time.perf_counter() - t_start)
         except Exception as err:      # the run ends here: summary.json says how far it got and why
             self.error = err
@@ -223,7 +225,7 @@ class Coordinator:
             self.sync_totals["bytes_received"] += s.sync_bytes_received
         self.evals.poll()
         if cfg.eval_every and self.iteration % cfg.eval_every == 0:
-            self.evals.launch(self.evaluators, self.learners)
+            self.evals.launch(self.evaluators, self.learners, time.perf_counter() - self.t_start)
         return self._record(stats)
 
     def _kill_hung_actor(self, learner: int, actor: int, waited_s: float) -> None:
@@ -243,7 +245,7 @@ class Coordinator:
 
     def _record(self, stats: list[UpdateStats]) -> dict:
         return iteration_record(self.iteration, self.env_steps, stats, self.returns, self.evals.last,
-                                self.book.restarts)
+                                self.book.restarts, self.evals.take_measured())
 
     # ------------------------------------------------------------ failures
     def _recover(self, err: Exception) -> None:
@@ -286,7 +288,7 @@ class Coordinator:
                     group[a] = self._new_actor(i, a)
         self.hang_bounds.reset()                    # new processes: the start-up bound again
         self._start_learners()
-        self.evals.in_flight.clear()
+        self.evals.reset()
         self._restore()
 
     # ------------------------------------------------------ checkpointing
@@ -299,8 +301,7 @@ class Coordinator:
                         [self._get([a.get_state.remote() for a in group], "actor state") for group in self.actors])
         state = {"iteration": self.iteration, "env_steps": self.env_steps, "returns": [list(r) for r in self.returns],
                  "last_eval": self.evals.last, "sync_totals": self.sync_totals, "wall_seconds": wall_seconds,
-                 "actors": actor_states, "actor_restarts": self.book.restarts, "failures": self.failures,
-                 "hangs": self.hangs}
+                 "actors": actor_states, "actor_restarts": self.book.restarts, "failures": self.failures, "hangs": self.hangs}
         save_checkpoint(self.ckpt_dir, self.iteration, learner_states, state, self.cfg.keep_checkpoints)
         self.metrics.commit(self.iteration)
 
@@ -313,8 +314,7 @@ class Coordinator:
             raise ValueError(f"{ckpt.path} holds {len(ckpt.learners)} learners, the config asks for {self.cfg.num_learners}")
         self._get([l.load_state.remote(data) for l, data in zip(self.learners, ckpt.learners)], "learner restore")
         state = ckpt.state
-        self.iteration = state["iteration"]
-        self.env_steps = state["env_steps"]
+        self.iteration, self.env_steps = state["iteration"], state["env_steps"]
         self.evals.last = state["last_eval"]
         self.sync_totals = state["sync_totals"]
         self.wall_offset = state["wall_seconds"]
@@ -345,6 +345,6 @@ class Coordinator:
             **({"error": {"type": type(self.error).__name__, "message": str(self.error)[:2000]}} if self.error else {}),
             "learners": [learner_summary(i, self.learner_info[i]["device"] if self.learner_info else "unknown",
                                          self.returns[i], self.evals.last[i]) for i in range(cfg.num_learners)],
-        })
+            **({"probe": self.evals.last_measured} if self.evals.last_measured else {})})
         self.metrics.end(summary)
         return summary

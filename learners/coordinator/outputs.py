@@ -71,8 +71,9 @@ class MetricsLog:
 
 
 def iteration_record(iteration: int, env_steps: list[int], stats: list, returns: list, last_eval: list,
-                     actor_restarts: list[int]) -> dict:
-    """An iteration's line of metrics.jsonl: each learner's UpdateStats scalars with the run's view of it."""
+                     actor_restarts: list[int], probe: dict | None = None) -> dict:
+    """An iteration's line of metrics.jsonl: each learner's UpdateStats scalars with the run's view of it, and the
+    mechanism metrics (`probe`, actors/probes.py) of the weights version they name when a measurement came in."""
     learners = []
     for i, s in enumerate(stats):
         train = float(np.mean(returns[i])) if returns[i] else None
@@ -82,7 +83,8 @@ def iteration_record(iteration: int, env_steps: list[int], stats: list, returns:
             "episodes": len(s.episode_returns), "test_return": test,
             "test_weights_version": last_eval[i]["weights_version"] if last_eval[i] else None,
             "generalization_gap": generalization_gap(train, test), "sync_latency": summarize(s.sync_latencies)})
-    return {"iteration": iteration, "env_steps": env_steps[0], "env_steps_total": sum(env_steps), "learners": learners}
+    return {"iteration": iteration, "env_steps": env_steps[0], "env_steps_total": sum(env_steps), "learners": learners,
+            **({"probe": probe} if probe else {})}
 
 
 def learner_summary(i: int, device: str, returns, last_eval: dict | None) -> dict:

@@ -47,7 +47,22 @@ def scalars_of(record: dict) -> dict[str, float]:
         for field, tag in LEARNER_TAGS.items():
             out[f"{tag}/{agent}"] = learner.get(field)
         out[f"{SYNC_LATENCY_TAG}/{agent}"] = (learner.get("sync_latency") or {}).get("p50")
+    out.update(probe_scalars(record.get("probe")))
     return {tag: float(v) for tag, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def probe_scalars(probe: dict | None) -> dict[str, float]:
+    """tag -> value of a record's mechanism metrics (actors/probes.py): per agent and rendering variant
+    (`probe/robustness_tv/no_backgrounds/agent0`), per pair of agents (`probe/cka/agents0-1`)."""
+    if not probe:
+        return {}
+    out = {"probe/weights_version": probe["weights_version"]}
+    for name in ("robustness_tv", "render_cka"):
+        for variant, values in probe.get(name, {}).items():
+            out.update({f"probe/{name}/{variant}/agent{i}": v for i, v in enumerate(values)})
+    for name in ("agreement_tv", "cka"):
+        out.update({f"probe/{name}/agents{pair}": v for pair, v in probe.get(name, {}).items()})
+    return out
 
 
 class TensorBoardLog:

@@ -9,7 +9,11 @@ Definitions (every number is recomputable from the run directories):
 - Procgen's normalized score (learners/study/procgen_scores.py) of the mean final test return, and its mean over
   the games of each method;
 - robustness (after `mdpo analyze`): a run's total-variation distance per rendering variant and the agreement
-  between its agents, averaged over agents, then mean and std over seeds.
+  between its agents, averaged over agents, then mean and std over seeds;
+- probe curves (the paper's mechanism, measured live on the run's fixed probe states): per metrics.jsonl record
+  that has a `probe` block, at its `env_steps`, robustness TV and render CKA per rendering variant averaged over
+  agents, agreement TV and CKA between agents averaged over pairs; then mean, std and count over the seeds that
+  have a value at that step. Records, runs and metrics without a value give no point (see run_probe_curves).
 Only completed runs count unless include_incomplete is set; excluded runs are listed in report.md.
 """
 
@@ -23,12 +27,16 @@ from pathlib import Path
 
 from learners.config import ConfigError
 from learners.study.procgen_scores import normalized_score, return_range
-from learners.study.report_plots import plot_bars, plot_curves, plot_tsne
+from learners.study.report_plots import plot_bars, plot_curves, plot_probe, plot_tsne
 from learners.study.runs import ANALYSIS_DIR, Run, describe_method, load_runs, mean_or_none
 
 FINAL_COLUMNS = ["game", "method", "seeds", "final_test_mean", "final_test_std", "final_train_mean", "final_train_std",
                  "generalization_gap_mean", "generalization_gap_std", "normalized_test_mean", "normalized_test_std"]
 CURVE_COLUMNS = ["game", "method", "split", "env_steps", "mean", "std", "n"]
+PROBE_COLUMNS = ["game", "method", "metric", "variant", "env_steps", "mean", "std", "n"]
+# Probe metrics per rendering variant (a list over learner ids) and per pair of learners ("i-j" -> value).
+PROBE_VARIANT_METRICS = ("robustness_tv", "render_cka")
+PROBE_PAIR_METRICS = ("agreement_tv", "cka")
 
 
 @dataclass
@@ -107,18 +115,60 @@ def run_curve(run: Run, split: str) -> dict[int, float]:
     return points
 
 
+def over_seeds(curves: list[dict[int, float]]) -> list[dict]:
+    """Per env_steps at which any run has a point: mean, std and count over the runs (seeds) that have one."""
+    per_step: dict[int, list] = defaultdict(list)
+    for curve in curves:
+        for step, value in curve.items():
+            per_step[step].append(value)
+    rows = []
+    for step in sorted(per_step):
+        mean, std, n = stats(per_step[step])
+        rows.append({"env_steps": step, "mean": mean, "std": std, "n": n})
+    return rows
+
+
 def curve_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
     rows = []
     for (game, method), runs in groups.items():
         for split in ("train", "test"):
-            per_step: dict[int, list] = defaultdict(list)
-            for run in runs:
-                for step, value in run_curve(run, split).items():
-                    per_step[step].append(value)
-            for step in sorted(per_step):
-                mean, std, n = stats(per_step[step])
-                rows.append({"game": game, "method": method, "split": split, "env_steps": step,
-                             "mean": mean, "std": std, "n": n})
+            for point in over_seeds([run_curve(run, split) for run in runs]):
+                rows.append({"game": game, "method": method, "split": split, **point})
+    return rows
+
+
+def run_probe_curves(run: Run) -> dict[tuple[str, str], dict[int, float]]:
+    """(metric, variant) -> env_steps -> the run's value; variant is "" for the pair metrics.
+
+    Only records with a `probe` block count (the probe runs at evaluations, and old runs have none); a metric
+    that is absent or empty (pair metrics of a one-learner run, variants of a non-Procgen env) gives no point. An
+    undefined CKA (NaN: a constant representation) stays NaN, a gap in the figure rather than a hidden agent."""
+    curves: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for record in run.records:
+        probe = record.get("probe")
+        if not probe:
+            continue
+        step = int(record["env_steps"])
+        for metric in PROBE_VARIANT_METRICS:
+            for variant, per_agent in (probe.get(metric) or {}).items():
+                value = mean_or_none(per_agent)
+                if value is not None:
+                    curves[(metric, variant)][step] = value
+        for metric in PROBE_PAIR_METRICS:
+            value = mean_or_none((probe.get(metric) or {}).values())
+            if value is not None:
+                curves[(metric, "")][step] = value
+    return curves
+
+
+def probe_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
+    """Per game, method, metric and variant: the probe curve over seeds (methods without probe records: no rows)."""
+    rows = []
+    for (game, method), runs in groups.items():
+        per_run = [run_probe_curves(run) for run in runs]
+        for metric, variant in sorted({key for curves in per_run for key in curves}):
+            for point in over_seeds([curves.get((metric, variant), {}) for curves in per_run]):
+                rows.append({"game": game, "method": method, "metric": metric, "variant": variant, **point})
     return rows
 
 
@@ -185,6 +235,29 @@ def robustness_markdown(rows: list[dict], variants: list[str]) -> str:
          + [_pm(r["agreement_tv_mean"], r["agreement_tv_std"], 3)] for r in rows])
 
 
+def _probe_section(groups: dict[tuple[str, str], list[Run]], out: Path) -> tuple[dict[str, Path], list[str]]:
+    """probe_curves.csv and one probe-<game> figure per game with probe records; nothing when no run has any."""
+    rows = probe_rows(groups)
+    if not rows:
+        return {}, []
+    paths = {"probe_csv": write_csv(out / "probe_curves.csv", rows, PROBE_COLUMNS)}
+    md = ["## The mechanism over training (probe states, mean ± std over seeds)\n",
+          "Measured at evaluations on each run's fixed probe states. Top row: total-variation distance between "
+          "action distributions, of each agent across renderings (robustness; lower is more robust) and between "
+          "agents (agreement). Bottom row: linear CKA between encoder features, of each agent across renderings "
+          "(1 = the same representation) and between agents. Methods without probe records have no curve.\n"]
+    games = sorted({g for g, _ in groups})
+    for game in games:
+        game_rows = [r for r in rows if r["game"] == game]
+        if game_rows:
+            paths |= plot_probe(game_rows, game, out / f"probe-{game}")
+            md.append(f"![probe {game}](probe-{game}.png)\n")
+    missing = [g for g in games if not any(r["game"] == g for r in rows)]
+    if missing:
+        md.append("No probe records (runs from before the probe, or with it off): " + ", ".join(missing) + "\n")
+    return paths, md
+
+
 def _tsne_figure(game: str, groups: dict[tuple[str, str], list[Run]], out_dir: Path) -> Path | None:
     """MDPO agents vs PPO agents: per method, the agents of its lowest-seed analysed run."""
     import numpy as np
@@ -243,8 +316,11 @@ def build_report(cfg: ReportConfig) -> dict[str, Path]:
                                            [[m, d] for m, d in method_descriptions(included).items()])]
     if excluded:
         md.append("Excluded (not completed): " + ", ".join(f"`{r.path}`" for r in excluded) + "\n")
-    md += ["## Returns over training (mean ± std over seeds)\n", "![returns](returns.png)\n",
-           "## Final returns, normalized score, generalization gap\n", final_markdown(rows, norm),
+    md += ["## Returns over training (mean ± std over seeds)\n", "![returns](returns.png)\n"]
+    probe_paths, probe_md = _probe_section(groups, out)
+    paths |= probe_paths
+    md += probe_md
+    md += ["## Final returns, normalized score, generalization gap\n", final_markdown(rows, norm),
            "\n![generalization gap](generalization_gap.png)\n"]
     if robust:
         paths["robustness_csv"] = write_csv(out / "robustness.csv", robust, list(robust[0]))

@@ -1,5 +1,5 @@
-"""Figures of the study report: return curves, grouped bars, t-SNE panels. Every figure is written as PNG and SVG
-except t-SNE scatter plots (PNG only: thousands of points make heavy SVG)."""
+"""Figures of the study report: return curves, probe curves, grouped bars, t-SNE panels. Every figure is written as
+PNG and SVG except t-SNE scatter plots (PNG only: thousands of points make heavy SVG)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ def _method_colors(methods) -> dict[str, str]:
     return {m: f"C{i}" for i, m in enumerate(sorted(methods))}
 
 
+def _band(ax, points: list[tuple], color: str, label: str) -> None:
+    """points: (env steps, mean, std or None); the mean as a line, ± std as a band (no band where std is None)."""
+    points = sorted(points)
+    steps = np.array([p[0] for p in points], float)
+    mean = np.array([p[1] for p in points], float)
+    std = np.array([np.nan if p[2] is None else p[2] for p in points], float)
+    ax.plot(steps, mean, color=color, label=label, marker="o" if len(steps) < 12 else None, markersize=3)
+    ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+
+
 def plot_curves(rows: list[dict], stem: Path) -> dict[str, Path]:
     """Per game, a train panel and a test panel; one line (mean) and band (± std) per method."""
     series: dict[tuple, list] = defaultdict(list)
@@ -45,15 +55,9 @@ def plot_curves(rows: list[dict], stem: Path) -> dict[str, Path]:
             ax = axes[g // per_row][2 * (g % per_row) + s]
             ax.set_visible(True)
             for method in sorted(colors):
-                points = sorted(series.get((game, split, method), []))
-                if not points:
-                    continue
-                steps = np.array([p[0] for p in points], float)
-                mean = np.array([p[1] for p in points], float)
-                std = np.array([np.nan if p[2] is None else p[2] for p in points], float)
-                ax.plot(steps, mean, color=colors[method], label=method, marker="o" if len(steps) < 12 else None,
-                        markersize=3)
-                ax.fill_between(steps, mean - std, mean + std, color=colors[method], alpha=0.2, linewidth=0)
+                points = series.get((game, split, method), [])
+                if points:
+                    _band(ax, points, colors[method], method)
             ax.set_title(f"{game}: {split} levels", fontsize=10)
             ax.set_xlabel("env steps per agent", fontsize=8)
             ax.set_ylabel("episode return", fontsize=8)
@@ -63,6 +67,47 @@ def plot_curves(rows: list[dict], stem: Path) -> dict[str, Path]:
                 ax.legend(fontsize=7)
             else:
                 ax.text(0.5, 0.5, "no episode finished yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
+def _probe_panels(variants: list[str]) -> list[list[tuple[str, str, str]]]:
+    """The probe figure's grid of (metric, variant, title): the top row compares action distributions (TV), the
+    bottom row encoder features (CKA); one column per rendering variant (across renderings: variants differ in
+    how much they change the frame, so averaging them would hide which change the agents ignore), the last column
+    between agents."""
+    tv = [("robustness_tv", v, f"robustness TV: {v}") for v in variants]
+    cka = [("render_cka", v, f"render CKA: {v}") for v in variants]
+    return [tv + [("agreement_tv", "", "agreement TV (between agents)")],
+            cka + [("cka", "", "CKA between agents")]]
+
+
+def plot_probe(rows: list[dict], game: str, stem: Path) -> dict[str, Path]:
+    """One game's probe curves (report.py's probe_rows): one line (mean over seeds) and band (± std) per method per
+    panel; a method without that metric (old runs; pair metrics of one-learner runs) has no line there."""
+    series: dict[tuple, list] = defaultdict(list)
+    for r in rows:
+        series[(r["metric"], r["variant"], r["method"])].append((r["env_steps"], r["mean"], r["std"]))
+    variants = sorted({r["variant"] for r in rows if r["metric"] in ("robustness_tv", "render_cka")})
+    colors = _method_colors({r["method"] for r in rows})
+    grid = _probe_panels(variants)
+    fig, axes = plt.subplots(2, len(grid[0]), figsize=(3.6 * len(grid[0]), 5.6), dpi=90, squeeze=False)
+    for panel_row, ax_row in zip(grid, axes):
+        for (metric, variant, title), ax in zip(panel_row, ax_row):
+            for method in sorted(colors):
+                points = series.get((metric, variant, method), [])
+                if points:
+                    _band(ax, points, colors[method], method)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("env steps per agent", fontsize=8)
+            ax.set_ylabel("total-variation distance" if metric.endswith("tv") else "linear CKA", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no probe records", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"{game}: the mechanism on the probe states (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     return _save(fig, stem)
 

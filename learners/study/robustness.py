@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from actors.envs import ProcgenVectorEnv, is_procgen
-from actors.render_pairs import DEFAULT_RENDERING, RENDER_VARIANTS, PairedProcgenEnv
+from actors.probes import (PROBE_VARIANTS, TEST_SEED_OFFSET, action_probs, collect_paired_observations, encoder_features,
+                           tv_distance)
+from actors.render_pairs import DEFAULT_RENDERING, RENDER_VARIANTS
 from learners.checkpoint import latest_checkpoint, tensors_from_bytes
 from learners.config import ConfigError
 from learners.model import Agent, make_agent
@@ -30,7 +31,6 @@ from learners.study.report_plots import plot_tsne
 from learners.study.runs import ANALYSIS_DIR, ANALYSIS_FILE, find_run_dirs, load_run
 
 PROCGEN_OBS = ProcgenVectorEnv.SPEC
-TEST_SEED_OFFSET = 2 * 10**8    # training seeds are small, evaluation seeds start at 10**8
 
 
 @dataclass
@@ -39,7 +39,7 @@ class AnalyzeConfig:
     """Test-level games played side by side."""
     num_steps: int = 64
     """Steps per game: num_envs * num_steps states."""
-    variants: tuple[str, ...] = ("no_backgrounds", "monochrome_assets")
+    variants: tuple[str, ...] = PROBE_VARIANTS
     """Rendering variants compared with Procgen's default rendering (see actors/render_pairs.py)."""
     seed: int = 0
     """Seeds the test levels and the driving actions."""
@@ -63,22 +63,6 @@ class AnalyzeConfig:
         return self
 
 
-def tv_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Total-variation distance between rows of two probability tables."""
-    return 0.5 * (p - q).abs().sum(-1)
-
-
-@torch.no_grad()
-def action_probs(agent: Agent, obs: np.ndarray, batch: int = 256) -> torch.Tensor:
-    return torch.cat([torch.softmax(agent.logits(torch.from_numpy(obs[i:i + batch])), -1)
-                      for i in range(0, len(obs), batch)])
-
-
-@torch.no_grad()
-def encoder_features(agent: Agent, obs: np.ndarray, batch: int = 256) -> np.ndarray:
-    return torch.cat([agent.encoder(torch.from_numpy(obs[i:i + batch])) for i in range(0, len(obs), batch)]).numpy()
-
-
 def robustness_tv(agent: Agent, obs: np.ndarray, other: np.ndarray) -> float:
     """Mean TV between the agent's action distributions on two renderings of the same states."""
     return float(tv_distance(action_probs(agent, obs), action_probs(agent, other)).mean())
@@ -89,30 +73,12 @@ def agreement_tv(first: Agent, second: Agent, obs: np.ndarray) -> float:
     return float(tv_distance(action_probs(first, obs), action_probs(second, obs)).mean())
 
 
-def collect_paired_observations(game: str, distribution_mode: str, cfg: AnalyzeConfig, driver: Agent | None = None
-                                ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Observations per rendering of the same num_envs*num_steps test-level states, and their level seeds."""
-    env = PairedProcgenEnv(game, cfg.num_envs, cfg.variants, rand_seed=TEST_SEED_OFFSET + cfg.seed, num_levels=0,
-                           distribution_mode=distribution_mode)
-    rng = np.random.default_rng(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    frames: dict[str, list] = {name: [] for name in env.renderings}
-    level_seeds = []
-    try:
-        for _ in range(cfg.num_steps):
-            obs, _, _, seeds = env.observe()
-            for name in frames:
-                frames[name].append(obs[name])
-            level_seeds.append(seeds)
-            if driver is None:
-                actions = rng.integers(0, PROCGEN_OBS[2], cfg.num_envs)
-            else:
-                probs = action_probs(driver, obs[DEFAULT_RENDERING])
-                actions = torch.multinomial(probs, 1, generator=generator).squeeze(-1).numpy()
-            env.act(actions)
-    finally:
-        env.close()
-    return {name: np.concatenate(f) for name, f in frames.items()}, np.concatenate(level_seeds)
+def collect_observations(game: str, distribution_mode: str, cfg: AnalyzeConfig, driver: Agent | None = None
+                         ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Observations per rendering of the same num_envs*num_steps test-level states, and their level seeds (the probe
+    set's states when num_envs x num_steps, seed and variants are the run's: actors/probes.py)."""
+    return collect_paired_observations(game, distribution_mode, cfg.num_envs, cfg.num_steps, tuple(cfg.variants),
+                                       cfg.seed, driver)
 
 
 def load_agents(run_dir: Path) -> tuple[list[Agent], str]:
@@ -145,7 +111,7 @@ def analyze_run(run_dir: Path, cfg: AnalyzeConfig) -> dict:
     if not is_procgen(run.config.env_id):
         raise ConfigError(f"{run_dir}: {run.config.env_id} is not a Procgen game; rendering variants exist only there")
     agents, checkpoint = load_agents(run.path)
-    obs, level_seeds = collect_paired_observations(run.game, run.config.distribution_mode, cfg,
+    obs, level_seeds = collect_observations(run.game, run.config.distribution_mode, cfg,
                                                    agents[0] if cfg.driver == "agent" else None)
     base = obs[DEFAULT_RENDERING]
     training = (level_seeds >= run.config.start_level) & (level_seeds < run.config.start_level + run.config.num_levels)

@@ -1,5 +1,6 @@
-"""The coordinator's telemetry: run-level metrics (iterations, env steps, returns, sync totals, faults), the live
-state of every worker process, and the targets file that tells Prometheus where every endpoint is."""
+"""The coordinator's telemetry: run-level metrics (iterations, env steps, returns, sync totals, faults, the probe
+set's measurements of the mechanism), the live state of every worker process, and the targets file that tells
+Prometheus where every endpoint is."""
 
 from __future__ import annotations
 
@@ -99,6 +100,22 @@ class CoordinatorTelemetry(Telemetry):
                             "from by restarting from the latest checkpoint."))
         self.hangs = c(m(Counter, "coordinator_hangs_detected_total", "Processes that did not answer within the hang "
                          "bound and were killed and replaced (a hung learner also rolls the run back)."))
+        # The paper's mechanism, measured by the driver on a fixed probe set of states at some evaluations. The
+        # series appear with the first measurement: a zero before it would read as a perfect score.
+        self.probe_robustness_tv = m(Gauge, "probe_robustness_tv", "Mean total-variation distance, in [0, 1], "
+                                     "between an agent's action distributions on two renderings (variant) of the "
+                                     "same probe states; lower is more robust.", ("learner_id", "variant"))
+        self.probe_render_cka = m(Gauge, "probe_render_cka", "Linear CKA between an agent's encoder features of two "
+                                  "renderings (variant) of the same probe states; about [0, 1], 1 is the same "
+                                  "representation up to rotation and scale.", ("learner_id", "variant"))
+        self.probe_agreement_tv = m(Gauge, "probe_agreement_tv", "Mean total-variation distance, in [0, 1], between "
+                                    "two agents' action distributions on the same probe states; lower is more "
+                                    "agreement.", ("learner_a", "learner_b"))
+        self.probe_cka = m(Gauge, "probe_cka", "Linear CKA between two agents' encoder features on the same probe "
+                           "states; about [0, 1], 1 is the same representation up to rotation and scale.",
+                           ("learner_a", "learner_b"))
+        self.probe_weights_version = m(Gauge, "probe_weights_version", "Weights version (optimizer steps) of the "
+                                       "agents the last probe measurement is of.")
         self.workers: dict[str, tuple[str, str]] = {}   # instance -> (Ray actor id of its process, kind)
         self.live = _LiveWorkers(self)
         self.registry.register(self.live)
@@ -137,8 +154,26 @@ class CoordinatorTelemetry(Telemetry):
                                (self.gap, "generalization_gap")):
                 if entry.get(key) is not None:
                     self._child(gauge, learner_id=entry["id"]).set(entry[key])
+        if record.get("probe"):
+            self._set_probe(record["probe"])
         self.last_progress.set_to_current_time()
         self._refresh_endpoints(progress, actors_wait_s=5)
+
+    def _set_probe(self, probe: dict) -> None:
+        """A record's "probe" block: per agent and rendering variant, lists indexed by learner id (none for envs
+        without renderings); per pair of agents, keys "i-j" with i < j. A value the measurement could not give
+        (None) leaves its gauge as it was rather than failing the iteration."""
+        self._child(self.probe_weights_version).set(probe["weights_version"])
+        for gauge, key in ((self.probe_robustness_tv, "robustness_tv"), (self.probe_render_cka, "render_cka")):
+            for variant, per_agent in (probe.get(key) or {}).items():
+                for learner_id, value in enumerate(per_agent):
+                    if value is not None:
+                        self._child(gauge, learner_id=learner_id, variant=variant).set(value)
+        for gauge, key in ((self.probe_agreement_tv, "agreement_tv"), (self.probe_cka, "cka")):
+            for pair, value in (probe.get(key) or {}).items():
+                learner_a, learner_b = pair.split("-")
+                if value is not None:
+                    self._child(gauge, learner_a=learner_a, learner_b=learner_b).set(value)
 
     def _count_up(self, progress: RunProgress) -> None:
         """Counters follow the coordinator's totals (restored ones included; a rollback never lowers them)."""

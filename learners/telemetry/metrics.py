@@ -8,9 +8,10 @@ Evaluator, hosted by the first RolloutWorker of its learner), both in learners/t
 server. We use prometheus_client rather than Ray's metrics export: Ray's export needs its dashboard/metrics agent
 (the embedded local Ray runs without it), and one endpoint per process keeps the labels exact.
 
-Every metric is named `mdpo_<role>_...` (distillation: `mdpo_distill_...`, gRPC: `mdpo_grpc_...`), in
-base units, `_total` on counters, histograms for latencies, and carries the labels `run_id` and `role`
-(coordinator | learner | actor | evaluator), plus `learner_id` and `actor_id` where they apply.
+Every metric is named `mdpo_<role>_...` (distillation: `mdpo_distill_...`, gRPC: `mdpo_grpc_...`, the
+coordinator's probe-set measurements: `mdpo_probe_...`), in base units, `_total` on counters, histograms for
+latencies, and carries the labels `run_id` and `role` (coordinator | learner | actor | evaluator), plus `learner_id`
+and `actor_id` where they apply (a pair of agents: `learner_a`, `learner_b`).
 
 Ports, with base B = `--metrics-port`, L = `--num-learners`, A = `--num-actors` (per learner):
     coordinator B, learner i B+1+i, evaluator i B+1+L+i, actor a of learner i B+1+2L+i*A+a.
