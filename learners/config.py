@@ -296,7 +296,7 @@ def _flag(name: str) -> str:
 PLACEMENT_FIELDS = frozenset({"run_dir", "ray_address", "progress", "checkpoint_every", "device", "run_id",
                               "metrics_host", "metrics_port", "metrics_sd_dir", "hang_timeout_s", "hang_floor_s",
                               "grpc_allow_insecure", "grpc_token_file", "inference", "track", "track_project",
-                              "track_group", "mlflow_tracking_uri"})
+                              "track_group", "mlflow_tracking_uri", "probe_budget"})
 # `mdpo train --resume RUN_DIR` may also change the budget (the run directory is RUN_DIR itself).
 RESUME_MAY_CHANGE = (PLACEMENT_FIELDS | {"total_steps"}) - {"run_dir"}
 

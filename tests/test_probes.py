@@ -154,3 +154,18 @@ def test_probe_settings_are_checked_before_anything_starts():
     with pytest.raises(ConfigError, match="--probe-budget"):
         TrainConfig(env_id="CartPole-v1", probe_budget=0).validate()
     TrainConfig(env_id="CartPole-v1", probe_states=0).validate()     # off
+
+
+def test_a_records_probe_block_becomes_tensorboard_and_tracker_scalars():
+    """TensorBoard and the --track trackers take a record's scalars from scalars_of: the probe block is among them."""
+    from learners.coordinator.tensorboard import scalars_of
+
+    probe = {"weights_version": 12, "states": 64, "training_level_fraction": 0.0,
+             "robustness_tv": {"no_backgrounds": [0.12, 0.10]}, "render_cka": {"no_backgrounds": [0.9, float("nan")]},
+             "agreement_tv": {"0-1": 0.05}, "cka": {"0-1": 0.8}}
+    record = {"iteration": 3, "env_steps": 1536, "env_steps_total": 3072, "learners": [{"id": 0}, {"id": 1}]}
+    assert not any(tag.startswith("probe/") for tag in scalars_of(record))
+    scalars = {tag: v for tag, v in scalars_of({**record, "probe": probe}).items() if tag.startswith("probe/")}
+    assert scalars == {"probe/weights_version": 12.0, "probe/robustness_tv/no_backgrounds/agent0": 0.12,
+                       "probe/robustness_tv/no_backgrounds/agent1": 0.10, "probe/render_cka/no_backgrounds/agent0": 0.9,
+                       "probe/agreement_tv/agents0-1": 0.05, "probe/cka/agents0-1": 0.8}     # NaN (undefined) left out

@@ -54,21 +54,27 @@ def plot_curves(rows: list[dict], stem: Path) -> dict[str, Path]:
         for s, split in enumerate(("train", "test")):
             ax = axes[g // per_row][2 * (g % per_row) + s]
             ax.set_visible(True)
-            for method in sorted(colors):
-                points = series.get((game, split, method), [])
-                if points:
-                    _band(ax, points, colors[method], method)
-            ax.set_title(f"{game}: {split} levels", fontsize=10)
-            ax.set_xlabel("env steps per agent", fontsize=8)
-            ax.set_ylabel("episode return", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=7)
-            else:
-                ax.text(0.5, 0.5, "no episode finished yet", ha="center", va="center", transform=ax.transAxes)
+            _curve_panel(ax, {m: series.get((game, split, m), []) for m in colors}, colors, f"{game}: {split} levels",
+                         "episode return", "no episode finished yet", title_size=10)
     fig.tight_layout()
     return _save(fig, stem)
+
+
+def _curve_panel(ax, by_method: dict[str, list], colors: dict, title: str, ylabel: str, empty: str,
+                 title_size: int = 9) -> None:
+    """One panel of curves over env steps: a line (mean over seeds) and band (± std) per method that has points."""
+    for method in sorted(by_method):
+        if by_method[method]:
+            _band(ax, by_method[method], colors[method], method)
+    ax.set_title(title, fontsize=title_size)
+    ax.set_xlabel("env steps per agent", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
 
 
 def _probe_panels(variants: list[str]) -> list[list[tuple[str, str, str]]]:
@@ -94,19 +100,8 @@ def plot_probe(rows: list[dict], game: str, stem: Path) -> dict[str, Path]:
     fig, axes = plt.subplots(2, len(grid[0]), figsize=(3.6 * len(grid[0]), 5.6), dpi=90, squeeze=False)
     for panel_row, ax_row in zip(grid, axes):
         for (metric, variant, title), ax in zip(panel_row, ax_row):
-            for method in sorted(colors):
-                points = series.get((metric, variant, method), [])
-                if points:
-                    _band(ax, points, colors[method], method)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("env steps per agent", fontsize=8)
-            ax.set_ylabel("total-variation distance" if metric.endswith("tv") else "linear CKA", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=7)
-            else:
-                ax.text(0.5, 0.5, "no probe records", ha="center", va="center", transform=ax.transAxes)
+            _curve_panel(ax, {m: series.get((metric, variant, m), []) for m in colors}, colors, title,
+                         "total-variation distance" if metric.endswith("tv") else "linear CKA", "no probe records")
     fig.suptitle(f"{game}: the mechanism on the probe states (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     return _save(fig, stem)
