@@ -123,12 +123,15 @@ def encoder_features(agent, obs: np.ndarray, batch: int = 256) -> np.ndarray:
                       for i in range(0, len(obs), batch)]).numpy()
 
 
+@torch.no_grad()
 def measure(agent, probe: ProbeSet, learner_id: int, weights_version: int) -> ProbeOutput:
     """One agent's action probabilities and encoder features on every rendering of the probe set (forward passes
-    only); what the coordinator needs to pair it with the other agents of its version."""
+    only, the encoder once per frame: the policy head runs on the features kept); what the coordinator needs to
+    pair it with the other agents of its version."""
+    features = {name: torch.from_numpy(encoder_features(agent, obs)) for name, obs in probe.renderings.items()}
     return ProbeOutput(learner_id, weights_version,
-                       {name: action_probs(agent, obs).numpy() for name, obs in probe.renderings.items()},
-                       {name: encoder_features(agent, obs).astype(np.float32) for name, obs in probe.renderings.items()})
+                       {name: torch.softmax(agent.actor(f), -1).numpy() for name, f in features.items()},
+                       {name: f.numpy().astype(np.float32) for name, f in features.items()})
 
 
 def probe_metrics(outputs: list[ProbeOutput], probe: ProbeSet) -> dict:

@@ -331,7 +331,7 @@ PRESETS: dict[str, dict] = {
     # A few tiny Procgen iterations: finishes within 3 minutes on 2 CPU cores.
     "smoke": dict(env_id="coinrun", distribution_mode="hard", total_steps=2048, num_envs=8, num_steps=64,
                   num_minibatches=2, update_epochs=1, eval_episodes=4, eval_every=1, eval_max_episode_steps=200,
-                  checkpoint_every=1, actor_cpus=0.5, learner_cpus=0.5, probe_states=64),
+                  checkpoint_every=1, actor_cpus=0.5, learner_cpus=0.5, probe_states=16),
     # Vector-observation env that checks the learning math through the whole pipeline in about a minute.
     "cartpole": dict(env_id="CartPole-v1", total_steps=120_000, num_envs=8, num_steps=128, num_minibatches=4,
                      update_epochs=4, learning_rate=2.5e-3, anneal_lr=True, gamma=0.99, gae_lambda=0.95, ent_coef=0.0,

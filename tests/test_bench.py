@@ -15,6 +15,7 @@ from learners.bench.measure import SIZES, _bounds, bench_config, steady_rate
 from learners.bench.learner_stage import sync_schedules
 from learners.bench.table import format_table
 from learners.bench.memory import MemorySampler, process_kind
+from learners.config import preset
 
 FRAME_BYTES = 64 * 64 * 3
 
@@ -165,7 +166,7 @@ def test_tiny_bench_memory_table_json_and_time(tiny):
     # The live mechanism metrics: an evaluation that also measures the smoke preset's probe set, its cost over a run
     # of the preset (every evaluation measuring, and as the budget lets them), its added memory.
     p = r["probe_cost"]
-    assert p["states"] == 64 and p["seconds_per_agent"] > 0 and p["build_seconds"] > 0
+    assert p["states"] == preset("smoke").probe_states and p["seconds_per_agent"] > 0 and p["build_seconds"] > 0
     assert p["evaluations"] == 5 and 1 <= p["rounds_within_budget"] <= 5 and p["budget"] == 0.02
     assert p["every_evaluation_fraction"] == pytest.approx(5 * 2 * p["seconds_per_agent"] / p["run_wall_seconds"])
     assert p["budgeted_fraction"] == pytest.approx(p["rounds_within_budget"] * 2 * p["seconds_per_agent"]
@@ -173,7 +174,7 @@ def test_tiny_bench_memory_table_json_and_time(tiny):
     assert p["added_pss_bytes"] == r["stages"]["probe"]["added_pss_bytes"]
     for row in ("env bound", "actor bound", "learner bound", "end to end, policy lag off", "pipeline efficiency",
                 "sync minibatch: latency p50 / p99", "of which in the first step", "detached cost", "actor scaling",
-                "evaluation in a rollout actor", "a run of the preset", "probe set (64 states)", "within --probe-budget"):
+                "evaluation in a rollout actor", "a run of the preset", f"probe set ({p['states']} states)", "within --probe-budget"):
         assert row in table
     assert table.endswith(format_table(r) + "\n")
 

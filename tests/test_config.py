@@ -101,3 +101,16 @@ def test_grpc_port_in_use_fails_fast(capsys):
         port = busy.getsockname()[1]
         assert main(["train", "--preset", "cartpole", "--grpc-port", str(port)]) == 2
     assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+
+
+def test_the_readme_lists_exactly_what_a_resume_may_change():
+    import re
+    from pathlib import Path
+
+    from learners.config import RESUME_MAY_CHANGE
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = re.search(r"`--resume RUN_DIR` \(may change only (.*?)\)\.", readme, re.S)
+    assert listed, "the README's list of what --resume may change is gone"
+    flags = set(re.findall(r"`--([a-z0-9-]+)`", listed.group(1)))
+    assert flags == {name.replace("_", "-") for name in RESUME_MAY_CHANGE}

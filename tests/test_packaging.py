@@ -82,18 +82,20 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
     assert json.loads((run_dir / "config.json").read_text())["env_id"] == "coinrun"
 
     # The mechanism metrics (actors/probes.py): the first evaluation measures the probe set kept in the run directory
-    # (the smoke preset's 64 states), and the numbers reach metrics.jsonl with their weights version, TensorBoard and
+    # (the smoke preset's), and the numbers reach metrics.jsonl with their weights version, TensorBoard and
     # summary.json.
+    from learners.config import preset
     from learners.coordinator.tensorboard import read_scalars
     from learners.records import ProbeSet
 
+    states = preset("smoke").probe_states
     probe_set = ProbeSet.from_npz(run_dir / "probes.npz")
-    assert probe_set.states == 64 and list(probe_set.renderings) == ["default", "no_backgrounds", "monochrome_assets"]
+    assert probe_set.states == states and list(probe_set.renderings) == ["default", "no_backgrounds", "monochrome_assets"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     measured = [r["probe"] for r in records if "probe" in r]
     assert measured, "no evaluation measured the probe set"
     for probe in measured + [summary["probe"]]:
-        assert probe["states"] == 64 and probe["weights_version"] > 0
+        assert probe["states"] == states and probe["weights_version"] > 0
         assert set(probe["robustness_tv"]) == set(probe["render_cka"]) == {"no_backgrounds", "monochrome_assets"}
         assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in probe["robustness_tv"].values())
         assert set(probe["agreement_tv"]) == set(probe["cka"]) == {"0-1"} and 0 <= probe["agreement_tv"]["0-1"] <= 1
