@@ -41,13 +41,21 @@ def _bool(text: str) -> bool:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, but none for flags whose default is None: the config flags say their
+    TrainConfig default themselves and default to None only so that the CLI can tell which were given."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdpo", description="Distributed Mutual Distillation Policy Optimization")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a pair of policies with mutual distillation",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsFormatter)
     train.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                       help="start from a named configuration (paper: PAPER.md; smoke: 3-minute Procgen check; "
+                       help="start from a named configuration (paper: the authors' experiment, README \"Fidelity\"; smoke: 3-minute Procgen check; "
                             "cartpole: fast learning check)")
     train.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue the run in RUN_DIR from its latest good checkpoint to the requested total")
@@ -170,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _add_study_commands(sub) -> None:
     from learners.study.sweep import MANAGED
 
-    sweep = sub.add_parser("sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    sweep = sub.add_parser("sweep", formatter_class=DefaultsFormatter,
                            help="train a grid of runs (games x methods x axes x seeds) on the Ray cluster",
                            description="Runs RUNS_DIR/<game>/<method>[/<field>=<value>...]/seed<k> as `mdpo train` "
                                        "subprocesses on one Ray cluster, as many at once as its resources allow; "
@@ -192,7 +200,7 @@ def _add_study_commands(sub) -> None:
     group = sweep.add_argument_group("fixed overrides for every cell (any `mdpo train` flag)")
     _add_config_flags(group, skip=MANAGED)
 
-    analyze = sub.add_parser("analyze", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    analyze = sub.add_parser("analyze", formatter_class=DefaultsFormatter,
                              help="robustness to rendering, agent agreement and t-SNE of a run's policies",
                              description="Writes RUN_DIR/analysis/ for every Procgen run at or below each PATH.")
     analyze.add_argument("paths", nargs="+", metavar="RUN_DIR")
@@ -206,7 +214,7 @@ def _add_study_commands(sub) -> None:
     analyze.add_argument("--tsne-points", type=int, default=200, help="states per t-SNE panel (0: no t-SNE)")
     analyze.add_argument("--log-level", default="WARNING")
 
-    report = sub.add_parser("report", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    report = sub.add_parser("report", formatter_class=DefaultsFormatter,
                             help="figures and tables of the study from run directories")
     report.add_argument("runs_dir", metavar="RUNS_DIR")
     report.add_argument("--out", default=None, help="output directory (default RUNS_DIR/report)")
@@ -269,10 +277,10 @@ STUDY_COMMANDS = {"sweep": cmd_sweep, "analyze": cmd_analyze, "report": cmd_repo
 
 # ------------------------------------------------------------------ bench (learners/bench/)
 def _add_bench_command(sub) -> None:
-    bench = sub.add_parser("bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    bench = sub.add_parser("bench", formatter_class=DefaultsFormatter,
                            help="measure every stage and the whole pipeline on this machine (README: Performance)")
     bench.add_argument("--size", choices=["tiny", "smoke", "paper"], default="smoke",
-                       help="shape: tiny (CI, ~1 min), smoke (the smoke preset), paper (PAPER.md's iteration)")
+                       help="shape: tiny (CI, ~1 min), smoke (the smoke preset), paper (the paper preset's iteration)")
     bench.add_argument("--env", default=None, help="game or Gymnasium id (default: the size's preset, coinrun)")
     bench.add_argument("--iterations", type=int, default=None, help="end-to-end iterations per run (>= 3)")
     bench.add_argument("--max-actors", type=int, default=None, help="actor scaling up to this many per learner "

@@ -34,7 +34,7 @@ class TrainConfig:
     """First training level (Procgen)."""
     same_levels: bool = False
     """Every learner's envs get the same seeds, so all agents play the same level sequence (the authors' main.py seeds both agents' envs alike); off: each learner's envs are seeded apart."""
-    # --- algorithm (PAPER.md) ---
+    # --- algorithm (README "Fidelity to the authors' experiment") ---
     num_learners: int = 2
     """Policies trained side by side; with more than 2 each distills toward every peer (mean of the KLs)."""
     alpha: float = 1.0
@@ -179,11 +179,7 @@ class TrainConfig:
     @property
     def sync_every_minibatches(self) -> int | None:
         """k for the `every k minibatches` schedule (1 for `minibatch`), None for epoch/iteration."""
-        if self.sync == "minibatch":
-            return 1
-        if self.sync.isdigit():
-            return int(self.sync)
-        return None
+        return minibatches_per_sync(self.sync)
 
     # -------------------------------------------------------------- validation
     def validate(self) -> "TrainConfig":
@@ -233,7 +229,7 @@ class TrainConfig:
     def _check_choices(self) -> None:
         if self.distill_mode not in DISTILL_MODES:
             raise ConfigError(f"--distill-mode must be one of {', '.join(DISTILL_MODES)}, got {self.distill_mode!r}")
-        if not (self.sync in SYNC_CHOICES or (self.sync.isdigit() and int(self.sync) > 0)):
+        if not (self.sync in SYNC_CHOICES or minibatches_per_sync(self.sync)):
             raise ConfigError(f"--sync must be one of {', '.join(SYNC_CHOICES)} or a positive integer k "
                               f"(every k minibatches), got {self.sync!r}")
         if self.distill_mode == "exact" and self.distilling and self.sync_every_minibatches != 1:
@@ -287,6 +283,11 @@ class TrainConfig:
         return cls.from_dict(json.loads(path.read_text()))
 
 
+def minibatches_per_sync(sync: str) -> int | None:
+    """The one reading of --sync: k of `every k minibatches` (1 for `minibatch`); None for epoch, iteration, junk."""
+    return 1 if sync == "minibatch" else int(sync) if sync.isdigit() and int(sync) > 0 else None
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -321,7 +322,7 @@ def field_parser(name: str):
 PAPER_ITERATIONS = 50_000_000 // (64 * 256)
 
 PRESETS: dict[str, dict] = {
-    # The authors' experiment (PAPER.md; README "Fidelity" lists every value and the test that checks it); GPU work.
+    # The authors' experiment (README "Fidelity" lists every value and the test that checks it); GPU work.
     "paper": dict(env_id="coinrun", distribution_mode="hard", num_levels=500, start_level=0, same_levels=True,
                   total_steps=PAPER_ITERATIONS * 64 * 256, num_envs=64, num_steps=256, num_minibatches=8,
                   update_epochs=3, learning_rate=5e-4, adam_eps=1e-5, gamma=0.999, gae_lambda=0.95, clip_coef=0.2,

@@ -1,4 +1,4 @@
-"""One MDPO learner: its policy, Adam, and the PPO + distillation update (PAPER.md, step 3).
+"""One MDPO learner: its policy, Adam, and the PPO + distillation update (README "Architecture", "Fidelity").
 
 Plain class, no Ray, no gRPC: peers are reached through `PeerLink` objects (gRPC clients in production); the
 requesting side of a sync is learners/peer/exchange.py, the serving side (`serve_logits`, `apply_peer_grad`) keeps

@@ -1,4 +1,4 @@
-"""Policy/value networks: IMPALA-CNN for pixel observations (PAPER.md), an MLP for vector ones."""
+"""Policy/value networks: IMPALA-CNN for pixel observations (the authors' agent.py; README "Fidelity"), an MLP for vector ones."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class ImpalaEncoder(nn.Module):
             shape = stage.output_shape()
             stages.append(stage)
         self.stages = nn.Sequential(*stages)
-        # PyTorch's default init, as the authors' model (PAPER.md): orthogonal sqrt(2) makes the initial features
+        # PyTorch's default init, as the authors' model (agent.py): orthogonal sqrt(2) makes the initial features
         # ~2.3x larger on real frames, which changes the early KL and entropy terms.
         self.fc = nn.Linear(int(np.prod(shape)), features)
         self.out_features = features

@@ -59,7 +59,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def kl_to_peer(peer_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(pi_peer || pi_self), averaged over states: the distillation term of PAPER.md.
+    """KL(pi_peer || pi_self), averaged over states: the distillation term of the MDPO objective (README "Fidelity").
 
     The gradient flows into whichever argument requires grad: `logits` always; `peer_logits`
     only in the authors' `exact` objective (detached mode passes a constant).

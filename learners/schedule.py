@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from learners.config import minibatches_per_sync
+
 
 @dataclass(frozen=True)
 class IterationPlan:
     iteration: int
-    shuffle_seed: int              # the same for every learner: same minibatch order (PAPER.md)
+    shuffle_seed: int              # the same for every learner: same minibatch order (the authors' joint update, README "Fidelity")
     batch_size: int
     num_minibatches: int
     update_epochs: int
@@ -48,7 +50,7 @@ class IterationPlan:
             return np.arange(self.batch_size) if (epoch, minibatch) == (0, 0) else None
         if self.sync == "epoch":
             return np.arange(self.batch_size) if minibatch == 0 else None
-        k = 1 if self.sync == "minibatch" else int(self.sync)
+        k = minibatches_per_sync(self.sync)
         if minibatch % k:
             return None
         mbs = self.minibatch_size

@@ -114,3 +114,18 @@ def test_the_readme_lists_exactly_what_a_resume_may_change():
     assert listed, "the README's list of what --resume may change is gone"
     flags = set(re.findall(r"`--([a-z0-9-]+)`", listed.group(1)))
     assert flags == {name.replace("_", "-") for name in RESUME_MAY_CHANGE}
+
+
+def test_help_shows_each_default_once():
+    """Config flags say their TrainConfig default; argparse must not add a misleading `(default: None)` beside it."""
+    import re
+
+    from learners.cli import build_parser
+
+    parser = build_parser()
+    helps = {command: " ".join(parser._subparsers._group_actions[0].choices[command].format_help().split())
+             for command in ("train", "sweep")}
+    assert all("(default: None)" not in text for text in helps.values())
+    env = re.search(r"--env ID, --env-id ID (.*?)--distribution-mode", helps["train"]).group(1)
+    assert env.count("default") == 1 and "(default 'coinrun')" in env, env
+    assert "--print-config print the resolved config" in helps["train"] and "(default: False)" in helps["train"]

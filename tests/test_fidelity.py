@@ -311,7 +311,7 @@ def test_paper_preset_asks_for_the_authors_setup():
     assert cfg.same_levels and cfg.distill_mode == "exact" and cfg.sync == "minibatch"
     assert cfg.num_iterations == PAPER_ITERATIONS == 3051 and cfg.total_steps == 3051 * 64 * 256
     assert (cfg.num_levels, cfg.start_level, cfg.distribution_mode) == (500, 0, "hard")
-    # main.py / ppo.py get_args(), PAPER.md's table.
+    # main.py / ppo.py get_args(), the README's Fidelity table.
     authors = dict(num_envs=64, num_steps=256, num_minibatches=8, update_epochs=3, learning_rate=5e-4, adam_eps=1e-5,
                    gamma=0.999, gae_lambda=0.95, clip_coef=0.2, clip_vloss=True, vf_coef=0.5, ent_coef=0.01,
                    alpha=1.0, max_grad_norm=0.5, normalize_reward=True, clip_reward=10.0, anneal_lr=False,

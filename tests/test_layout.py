@@ -149,3 +149,13 @@ def test_no_module_or_function_too_long_to_read_at_once(tmp_path):
     long_function.write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
     assert oversized({"long": long_function}) == [f"long.f: {MAX_FUNCTION_LINES + 1} lines"]   # the check can fail
     assert oversized(project_modules()) == []
+
+
+def test_nothing_cites_a_file_the_repository_does_not_have():
+    """The code once cited PAPER.md, a summary that lives outside the repository: a reader could not follow it."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    citing = [p for p in tracked if p.endswith((".py", ".md", ".yml", ".yaml", ".toml"))
+              and "PAPER.md" in (ROOT / p).read_text(errors="ignore") and p != "tests/test_layout.py"]
+    assert not (ROOT / "PAPER.md").exists() and citing == [], citing

@@ -49,7 +49,7 @@ SIZES = {
     "tiny": BenchSize("smoke", dict(num_envs=4, num_steps=32), iterations=3, scaling_iterations=2, learner_reps=2,
                       stage_seconds=1.0),
     "smoke": BenchSize("smoke", {}, iterations=6, scaling_iterations=4, learner_reps=5, stage_seconds=3.0),
-    # PAPER.md's per-iteration shape (64 envs x 256 steps, 8 minibatches of 2048, 3 epochs). The learner stage uses
+    # The paper preset's per-iteration shape (64 envs x 256 steps, 8 minibatches of 2048, 3 epochs). The learner stage uses
     # 2 of the 8 minibatches (same minibatch, epochs and schedules, so the same per-sample cost) and the actor stage
     # 32-step rollouts of the 64 envs; the end-to-end runs are full paper iterations.
     "paper": BenchSize("paper", {}, iterations=3, scaling_iterations=3, learner_reps=3, stage_seconds=5.0,
