@@ -8,6 +8,9 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from learners.errors import ConfigError
+from learners.tracker_names import check_settings
+
 SYNC_CHOICES = ("minibatch", "epoch", "iteration")
 DISTILL_MODES = ("detached", "exact")
 EVAL_PROTOCOLS = ("first-episodes", "authors")
@@ -15,10 +18,6 @@ PRECISIONS = ("fp32", "bf16")
 INFERENCE_MODES = ("auto", "actor", "learner")
 # The authors' evaluation (main.py, ppo.py): the same 4 test-level envs (seed 42) at every call, for every agent.
 AUTHORS_EVAL_ENVS, AUTHORS_EVAL_SEED = 4, 42
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message says which and how to fix it."""
 
 
 @dataclass
@@ -243,9 +242,7 @@ class TrainConfig:
             raise ConfigError(f"--inference must be one of {', '.join(INFERENCE_MODES)}, got {self.inference!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        from learners.tracking import check_settings   # deferred: a cycle (learners.tracking reads TrainConfig)
-
-        check_settings(self)
+        check_settings(self.track, self.track_group)
 
     def _check_channel(self) -> None:
         top = 65535 - (1 + 2 * self.num_learners + self.num_learners * self.num_actors)   # telemetry.ports_needed

@@ -8,7 +8,6 @@ its state in learners/peer/state.py.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch.distributions import Categorical
 
-from learners import ppo
+import learners.ppo as ppo
 from learners.config import TrainConfig
 from learners.model import make_agent
 from learners.peer.exchange import PeerExchange, PeerLink

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -208,7 +207,7 @@ def test_compose_up_trains_the_smoke_run_through_a_killed_learner_container(imag
             path = run_dir / "metrics.jsonl"
             return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
-        first = wait_for(lambda: metrics(), 300, "the first iteration", job_log)
+        wait_for(lambda: metrics(), 300, "the first iteration", job_log)
         t_first = time.monotonic() - t0
         learners = wait_for(lambda: len(found := dict(started_learners(job_log()))) == 2 and found, 60, "the learners", job_log)
         where = {i: name_at.get(ip) for i, (ip, _) in learners.items()}

@@ -30,19 +30,21 @@ def project_modules() -> dict[str, Path]:
 
 def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
     """Every project module `path` imports, at module level or inside a function (a deferred import is still a
-    dependency), resolved to the module itself (`from learners import ppo` -> learners.ppo)."""
+    dependency), resolved to the module itself: `from learners import ppo` -> learners.ppo, `from learners.tracking
+    import Tracking` -> learners.tracking (a package's __init__ is a module like any other: its code is imported)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            names += [] if all(name in modules for name in names) else [node.module]
         else:
             continue
         for name in names:
             while name and name not in modules:
                 name = name.rpartition(".")[0]
-            if name and not modules[name].name == "__init__.py":
+            if name:
                 found.add(name)
     return found
 
@@ -84,6 +86,8 @@ def test_the_checks_can_fail():
     modules = project_modules()
     assert {"learners.learner", "learners.peer.fetch", "learners.coordinator.loop", "actors.rollout"} <= set(modules)
     assert "learners.peer.sync" in graph()["learners.learner"]
+    assert "learners.tracking" in graph()["learners.coordinator.outputs"]     # a package's __init__ counts
+    assert "learners.ppo" in graph()["learners.learner"]
 
 
 def test_no_import_cycle_between_modules():

@@ -568,7 +568,7 @@ def test_real_prometheus_scrapes_a_smoke_training_and_every_dashboard_and_rule_q
             probed = (run_dir / "metrics.jsonl").exists() and '"probe":' in (run_dir / "metrics.jsonl").read_text()
             return [name for name in pending if probed or name not in probe_queries]
 
-        while (missing := without_data()) and train.poll() is None and time.monotonic() < deadline:
+        while without_data() and train.poll() is None and time.monotonic() < deadline:
             for name, expr in list(pending.items()):
                 answers[name] = _api(base, "/api/v1/query", query=expr)
                 if _finite_series(answers[name]):

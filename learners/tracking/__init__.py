@@ -20,33 +20,14 @@ import json
 import logging
 from pathlib import Path
 
-from learners.config import ConfigError, TrainConfig
+from learners.config import TrainConfig
 from learners.coordinator.tensorboard import scalars_of
 from learners.files import atomic_write
+from learners.tracker_names import tracker_names
 
 log = logging.getLogger("mdpo")
 
-TRACKERS = ("wandb", "mlflow")
 STATE_FILE = "tracking.json"
-
-
-def tracker_names(track: str) -> list[str]:
-    names = [n.strip() for n in track.split(",") if n.strip()]
-    for name in names:
-        if name not in TRACKERS:
-            hint = " (TensorBoard event files are always written)" if name == "tensorboard" else ""
-            raise ConfigError(f"--track {track!r}: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}, "
-                              f"comma-separated{hint}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--track {track!r} names a tracker twice")
-    return names
-
-
-def check_settings(cfg: TrainConfig) -> None:
-    """What needs no package or network: the names, and a group name MLflow's run search can quote."""
-    tracker_names(cfg.track)
-    if any(q in cfg.track_group for q in "'\"`"):
-        raise ConfigError(f"--track-group {cfg.track_group!r}: quotes cannot be in a group name")
 
 
 def tracker_class(name: str):
@@ -73,17 +54,6 @@ def prepare_sweep(cells: list[tuple[TrainConfig, Path]]) -> None:
     if "mlflow" in tracker_names(tracked[0][0].track):
         from learners.tracking.mlflow_run import make_groups
         make_groups(tracked)
-
-
-def run_name(cfg: TrainConfig, run_dir: Path) -> str:
-    return cfg.run_id or Path(run_dir).resolve().name
-
-
-def tags_of(cfg: TrainConfig) -> dict[str, str]:
-    """What a run is, for the trackers' filters and tables."""
-    tags = {"game": cfg.env_id.removeprefix("procgen:"), "seed": str(cfg.seed), "alpha": str(cfg.alpha),
-            "distill_mode": cfg.distill_mode if cfg.distilling else "none"}
-    return {**tags, "group": cfg.track_group} if cfg.track_group else tags
 
 
 class Tracking:

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from learners.config import ConfigError, TrainConfig
-from learners.tracking import run_name, tags_of
+from learners.tracking.identity import run_name, tags_of
 
 log = logging.getLogger("mdpo")
 GROUP_TAG, ROLE_TAG, PARENT_TAG = "mdpo.group", "mdpo.role", "mlflow.parentRunId"

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from learners.config import ConfigError, TrainConfig
-from learners.tracking import run_name, tags_of
+from learners.tracking.identity import run_name, tags_of
 
 log = logging.getLogger("mdpo")
 MODES = ("online", "offline", "disabled", "shared")
