@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
@@ -42,6 +43,8 @@ class Network:
         self.subnet = f"10.{int(tag[:2], 16) % 200 + 20}.{int(tag[2:4], 16)}"
         self.bridge_ns = f"{self.prefix}-br"
         self.hosts: dict[str, Host] = {}
+        # `ip netns add` bind-mounts /run/netns onto itself the first time; close() undoes that if it was us.
+        self.mounted_run_netns = " /run/netns " in Path("/proc/mounts").read_text()
         self._run("netns", "add", self.bridge_ns)
         self._run("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
         self._run("-n", self.bridge_ns, "link", "set", "br0", "up")
@@ -94,3 +97,6 @@ class Network:
         """Delete every namespace made here (their links go with them). Processes still inside must be gone first."""
         for netns in [h.netns for h in self.hosts.values()] + [self.bridge_ns]:
             subprocess.run([self.ip, "netns", "del", netns], capture_output=True)
+        run_netns = Path("/run/netns")
+        if not self.mounted_run_netns and run_netns.is_dir() and not any(run_netns.iterdir()):
+            subprocess.run(["umount", str(run_netns)], capture_output=True)
