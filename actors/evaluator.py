@@ -60,9 +60,7 @@ class Evaluator:
                   "test_returns": returns.tolist(), "test_lengths": lengths.tolist(), "completed": completed,
                   "seconds": time.perf_counter() - t0}
         if probe is not None:
-            t1 = time.perf_counter()
             result["probe"] = measure(self.agent, probe, self.learner_id, weights.version)
-            result["probe_seconds"] = time.perf_counter() - t1
         self.telemetry.record_eval(result)
         return result
 

@@ -18,6 +18,8 @@ every evaluation and every resume measures the same states.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -84,6 +86,12 @@ def collect_paired_observations(game: str, distribution_mode: str, num_envs: int
     return {name: np.concatenate(f) for name, f in frames.items()}, np.concatenate(level_seeds)
 
 
+def training_level_fraction(level_seeds: np.ndarray, start_level: int, num_levels: int) -> float:
+    """The share of states on the run's training levels: num_levels 0 draws from the whole level distribution,
+    training levels included."""
+    return float(((level_seeds >= start_level) & (level_seeds < start_level + num_levels)).mean())
+
+
 def build_probe_set(env_id: str, distribution_mode: str, states: int, seed: int, num_levels: int,
                     start_level: int) -> ProbeSet:
     """`states` test-level states of the env (a multiple of PROBE_ENVS), rendered every way the probes compare.
@@ -92,10 +100,8 @@ def build_probe_set(env_id: str, distribution_mode: str, states: int, seed: int,
     if is_procgen(env_id):
         obs, level_seeds = collect_paired_observations(procgen_game(env_id), distribution_mode, PROBE_ENVS, steps,
                                                        PROBE_VARIANTS, seed)
-        # num_levels 0 draws from the whole level distribution, training levels included: say how many are.
         obs, level_seeds = {name: o[:states] for name, o in obs.items()}, level_seeds[:states]
-        training = (level_seeds >= start_level) & (level_seeds < start_level + num_levels)
-        return ProbeSet(env_id, seed, obs, float(training.mean()))
+        return ProbeSet(env_id, seed, obs, training_level_fraction(level_seeds, start_level, num_levels))
     env = make_vector_env(env_id, PROBE_ENVS, TEST_SEED_OFFSET + seed, normalize_reward=False, clip_reward=None)
     rng = np.random.default_rng(seed)
     try:
@@ -128,10 +134,11 @@ def measure(agent, probe: ProbeSet, learner_id: int, weights_version: int) -> Pr
     """One agent's action probabilities and encoder features on every rendering of the probe set (forward passes
     only, the encoder once per frame: the policy head runs on the features kept); what the coordinator needs to
     pair it with the other agents of its version."""
+    t0 = time.perf_counter()
     features = {name: torch.from_numpy(encoder_features(agent, obs)) for name, obs in probe.renderings.items()}
-    return ProbeOutput(learner_id, weights_version,
-                       {name: torch.softmax(agent.actor(f), -1).numpy() for name, f in features.items()},
-                       {name: f.numpy().astype(np.float32) for name, f in features.items()})
+    probs = {name: torch.softmax(agent.actor(f), -1).numpy() for name, f in features.items()}
+    return ProbeOutput(learner_id, weights_version, probs,
+                       {name: f.numpy().astype(np.float32) for name, f in features.items()}, time.perf_counter() - t0)
 
 
 def probe_metrics(outputs: list[ProbeOutput], probe: ProbeSet) -> dict:

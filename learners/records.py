@@ -195,3 +195,4 @@ class ProbeOutput:
     weights_version: int
     probs: dict[str, np.ndarray]
     features: dict[str, np.ndarray]
+    seconds: float = 0.0                  # the forward passes took (the coordinator's --probe-budget counts them)

@@ -194,7 +194,9 @@ def test_compose_up_trains_the_smoke_run_through_a_killed_learner_container(imag
         t_up = time.monotonic() - t0
         runs = volume_dir("runs")
         run_dir = runs / RUN
-        job_log = lambda: docker("logs", train["Id"], check=False).stdout + docker("logs", train["Id"], check=False).stderr
+        def job_log() -> str:
+            out = docker("logs", train["Id"], check=False)
+            return out.stdout + out.stderr
 
         # Every long-running service's health check turned healthy (compose started the job only after that).
         health = {(service_of(c), c["Name"]): c["State"].get("Health", {}).get("Status")

@@ -120,10 +120,11 @@ def test_envs_without_renderings_measure_agreement_and_cka_only():
     assert set(metrics["agreement_tv"]) == set(metrics["cka"]) == {"0-1", "0-2", "1-2"}     # every pair for N > 2
 
 
-def output(learner: int, version: int) -> ProbeOutput:
+def output(learner: int, version: int, seconds: float = 0.0) -> ProbeOutput:
     rng = np.random.default_rng(100 * version + learner)
     probs = rng.dirichlet(np.ones(3), size=8)
-    return ProbeOutput(learner, version, {DEFAULT_RENDERING: probs}, {DEFAULT_RENDERING: rng.normal(size=(8, 5))})
+    return ProbeOutput(learner, version, {DEFAULT_RENDERING: probs}, {DEFAULT_RENDERING: rng.normal(size=(8, 5))},
+                       seconds)
 
 
 def test_the_coordinator_pairs_only_agents_of_one_weights_version_and_stays_within_its_budget():
@@ -131,20 +132,20 @@ def test_the_coordinator_pairs_only_agents_of_one_weights_version_and_stays_with
     evals.probe = ProbeSet("CartPole-v1", 1, {DEFAULT_RENDERING: np.zeros((8, 4), np.float32)}, None)
     evals.probe_ref = object()               # stands in for the object-store reference use_probe() makes
     assert evals.probe_due(wall_seconds=0.0)                     # the first measurement is always due
-    evals._pair(output(0, 4), 1.0)
-    evals._pair(output(1, 6), 1.0)           # learner 1's evaluation of version 4 was skipped: nothing to pair yet
+    evals._pair(output(0, 4, 1.0))
+    evals._pair(output(1, 6, 1.0))           # learner 1's evaluation of version 4 was skipped: nothing to pair yet
     assert evals.take_measured() is None
-    evals._pair(output(0, 6), 1.5)
+    evals._pair(output(0, 6, 1.5))
     measured = evals.take_measured()
     assert measured["weights_version"] == 6 and evals.take_measured() is None     # handed to one record only
     assert measured == probe_metrics([output(0, 6), output(1, 6)], evals.probe)
     assert list(evals.outputs) == [] and evals.probe_round_seconds == 2.5        # version 4 superseded
-    evals.probe_seconds = 3.5                # spent so far (poll() adds each result's probe_seconds)
+    evals.probe_seconds = 3.5                # spent so far (poll() adds each output's seconds)
     assert not evals.probe_due(wall_seconds=50.0)                # 3.5 + 2.5 > 10% of 50 s
     assert evals.probe_due(wall_seconds=60.0)
-    evals._pair(output(0, 8), 1.0)
+    evals._pair(output(0, 8, 1.0))
     evals.reset()                            # a rollback: half-paired outputs belong to weights the run lost
-    evals._pair(output(1, 8), 1.0)
+    evals._pair(output(1, 8, 1.0))
     assert evals.take_measured() is None
 
 

@@ -42,6 +42,7 @@ from learners.bench.learner_stage import measure_learners
 from learners.bench.stages import BenchSize, measure_actor_stages
 from learners.config import TrainConfig, preset
 from learners.coordinator.cluster import init_local_ray, run_cpus
+from learners.coordinator.evaluations import probe_due
 from learners.coordinator.loop import Coordinator
 
 SIZES = {
@@ -174,14 +175,14 @@ def _memory(cfg: TrainConfig, spec, memory: MemorySampler, stages: dict, e2e: di
 def probe_cost(run: TrainConfig, probe: dict, e2e: dict) -> dict:
     """What the live mechanism metrics cost a run of the preset (`run`): its wall time from the measured end-to-end
     rate (start-up left out), its evaluations, each measuring the probe set in every learner's evaluator for the
-    stage's measured seconds, either at every evaluation or as --probe-budget lets them (Evaluations.probe_due)."""
+    stage's measured seconds, either at every evaluation or as --probe-budget lets them (the coordinator's rule)."""
     iteration_seconds = run.batch_size * run.num_learners / e2e["env_steps_per_second"]
     wall = run.num_iterations * iteration_seconds
     due = [k * run.eval_every * iteration_seconds for k in range(1, run.num_iterations // run.eval_every + 1)] + [wall]
     per_round = run.num_learners * probe["seconds"]
     spent, rounds = 0.0, 0
     for t in due:
-        if spent + (per_round if rounds else 0.0) <= run.probe_budget * t:
+        if probe_due(spent, per_round if rounds else 0.0, run.probe_budget, t):
             spent, rounds = spent + per_round, rounds + 1
     return {"states": probe["states"], "build_seconds": probe["build_seconds"], "seconds_per_agent": probe["seconds"],
             "run_wall_seconds": wall, "evaluations": len(due), "rounds_within_budget": rounds,

@@ -120,7 +120,7 @@ def measure_actor_stages(cfg: TrainConfig, spec: BenchSize, memory: MemorySample
                           "actor_peak_pss_bytes": pss["actor"], "evaluating_peak_pss_bytes": pss["actor_evaluating"],
                           "added_pss_bytes": pss["actor_evaluating"] - pss["actor"]},
             "probe": {"states": stage_cfg.probe_states, "build_seconds": build_seconds,
-                      "seconds": probed.get("probe_seconds", 0.0), "probing_peak_pss_bytes": pss["actor_probing"],
+                      "seconds": probed["probe"].seconds if probe else 0.0, "probing_peak_pss_bytes": pss["actor_probing"],
                       "added_pss_bytes": pss["actor_probing"] - pss["actor_evaluating"]}}
 
 

@@ -22,6 +22,12 @@ log = logging.getLogger("mdpo")
 PROBES_FILE = "probes.npz"
 
 
+def probe_due(spent_seconds: float, last_round_seconds: float, budget: float, wall_seconds: float) -> bool:
+    """--probe-budget's rule: measure when what was spent so far plus one more round (as long as the last) stays within
+    `budget` of the run's time; before any measurement nothing is known of the cost, so the first is always due."""
+    return spent_seconds + last_round_seconds <= budget * wall_seconds
+
+
 def load_probe_set(run_dir: Path, evaluator, get) -> ProbeSet:
     """The run's probe set: kept in the run directory, so a resumed run measures the same states; else built by
     `evaluator`'s process (the driver would otherwise load Procgen's assets, ~350 MB, for it), awaited with `get`
@@ -43,7 +49,6 @@ class Evaluations:
         self.num_learners, self.probe_budget = num_learners, probe_budget
         self.probe_seconds = 0.0                                # spent measuring probes, all evaluators together
         self.probe_round_seconds = 0.0                          # the last measurement of every learner together
-        self.round_cost: dict[int, float] = {}                  # weights version -> its measurements' seconds so far
         self.last: list[dict | None] = [None] * num_learners    # per learner, the latest finished evaluation
         self.in_flight: dict = {}                               # Ray reference -> learner
         self.probe: ProbeSet | None = None                      # the run's probe set, if it measures one
@@ -58,8 +63,8 @@ class Evaluations:
     def probe_due(self, wall_seconds: float) -> bool:
         """Measure the probe set in this round of evaluations? Within the budget share of the run's time so far, one
         more measurement included (the first is always due: every run gets one early on)."""
-        return (self.probe_ref is not None
-                and self.probe_seconds + self.probe_round_seconds <= self.probe_budget * wall_seconds)
+        return self.probe_ref is not None and probe_due(self.probe_seconds, self.probe_round_seconds,
+                                                        self.probe_budget, wall_seconds)
 
     def launch(self, evaluators: list, learners: list, wall_seconds: float = float("inf")) -> None:
         extra = (self.probe_ref,) if self.probe_due(wall_seconds) else ()
@@ -82,18 +87,16 @@ class Evaluations:
                 continue
             output = result.pop("probe", None)     # arrays: kept only until paired, never in checkpoints
             self.last[i] = result
-            self.probe_seconds += result.get("probe_seconds", 0.0)
             if output is not None:
-                self._pair(output, result["probe_seconds"])
+                self.probe_seconds += output.seconds
+                self._pair(output)
 
-    def _pair(self, output: ProbeOutput, seconds: float) -> None:
+    def _pair(self, output: ProbeOutput) -> None:
         version = output.weights_version
         outputs = self.outputs.setdefault(version, {})
         outputs[output.learner_id] = output
-        self.round_cost[version] = self.round_cost.get(version, 0.0) + seconds
         if len(outputs) == self.num_learners:
-            self.probe_round_seconds = self.round_cost.pop(version)
-            self.round_cost = {v: c for v, c in self.round_cost.items() if v > version}
+            self.probe_round_seconds = sum(o.seconds for o in outputs.values())
             self.measured = self.last_measured = probe_metrics(list(outputs.values()), self.probe)
             self.outputs = {v: o for v, o in self.outputs.items() if v > version}
 
@@ -106,7 +109,6 @@ class Evaluations:
         """After a rollback: what is in flight or half paired belongs to weights the run no longer has."""
         self.in_flight.clear()
         self.outputs.clear()
-        self.round_cost.clear()
         self.measured = None
 
     def final(self, evaluators: list, learners: list, wall_seconds: float, timeout: float = 600) -> None:

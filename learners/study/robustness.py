@@ -22,7 +22,7 @@ import numpy as np
 
 from actors.envs import ProcgenVectorEnv, is_procgen
 from actors.probes import (PROBE_VARIANTS, TEST_SEED_OFFSET, action_probs, collect_paired_observations, encoder_features,
-                           tv_distance)
+                           training_level_fraction, tv_distance)
 from actors.render_pairs import DEFAULT_RENDERING, RENDER_VARIANTS
 from learners.checkpoint import latest_checkpoint, tensors_from_bytes
 from learners.config import ConfigError
@@ -114,12 +114,11 @@ def analyze_run(run_dir: Path, cfg: AnalyzeConfig) -> dict:
     obs, level_seeds = collect_observations(run.game, run.config.distribution_mode, cfg,
                                                    agents[0] if cfg.driver == "agent" else None)
     base = obs[DEFAULT_RENDERING]
-    training = (level_seeds >= run.config.start_level) & (level_seeds < run.config.start_level + run.config.num_levels)
     result = {
         "run_dir": str(run.path), "game": run.game, "method": run.method, "seed": run.seed,
         "distribution_mode": run.config.distribution_mode, "checkpoint": checkpoint, "config": asdict(cfg),
         "states": len(base), "test_rand_seed": TEST_SEED_OFFSET + cfg.seed,
-        "training_level_fraction": float(training.mean()),
+        "training_level_fraction": training_level_fraction(level_seeds, run.config.start_level, run.config.num_levels),
         "robustness_tv": {v: [robustness_tv(a, base, obs[v]) for a in agents] for v in cfg.variants},
         "agreement_tv_pairs": {f"{i}-{j}": agreement_tv(agents[i], agents[j], base)
                                for i in range(len(agents)) for j in range(i + 1, len(agents))},
