@@ -1,15 +1,16 @@
 """One MDPO learner: its policy, Adam, and the PPO + distillation update (README "Architecture", "Fidelity").
 
-Plain class, no Ray, no gRPC: peers are reached through `PeerLink` objects (gRPC clients in production); the
-requesting side of a sync is learners/peer/exchange.py, the serving side (`serve_logits`, `apply_peer_grad`) keeps
-its state in learners/peer/state.py.
+The math alone: the peers' logits come from one narrow interface (`Peers`: asked at each sync point for the rows of
+a window, then per micro-batch), and it gets one hook before each optimizer step (exact mode's peer gradients) and
+one around it (a peer may be reading my weights). Serving, weight snapshots, threads and the wire live in
+learners/peer/ (PeerEndpoint.exchange makes a `Peers` over gRPC or in process). learners/reference.py is the same
+update of every learner at once in one process.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -17,44 +18,47 @@ from torch.distributions import Categorical
 
 import learners.ppo as ppo
 from learners.config import TrainConfig
+from learners.errors import NonFiniteError
 from learners.model import make_agent
-from learners.peer.exchange import PeerExchange, PeerLink
-from learners.peer.state import PeerState
-from learners.peer.sync import SyncPoint
-from learners.records import Batch, Rollout, UpdateStats, Weights
+from learners.records import Batch, Rollout, UpdateStats
 from learners.schedule import IterationPlan
 
+__all__ = ["Learner", "NonFiniteError", "Peers"]
 LOSS_TERMS = ("loss", "policy_loss", "value_loss", "entropy", "kl_peer")
 
 
-class NonFiniteError(RuntimeError):
-    """A loss or logits went NaN/inf: the update is aborted before the optimizer step."""
+class Peers(Protocol):
+    """What one update sees of its peers."""
+    peer_ids: list[int]
+
+    def sync(self, iteration: int, sync_index: int, step: int, window: np.ndarray, perm: np.ndarray) -> None:
+        """Sync point `sync_index` of `iteration`, at my optimizer step `step`: the peers' logits on `window` (rows of
+        my batch, used in `perm`'s order) at their step `step` are on their way."""
+
+    def logits(self, rows: np.ndarray, start: int) -> dict[int, torch.Tensor]:
+        """Each peer's logits on `rows`, the micro-batch at `start` of the current minibatch (exact mode: leaves that
+        collect d loss / d peer logits)."""
+
+    def before_step(self, mb: np.ndarray) -> None:
+        """The minibatch's backward is done: exact mode sends the peers their gradients and adds theirs to mine."""
+
+    def optimizer_step(self, step: Callable[[], None]) -> None:
+        """Run `step` (it changes my weights) when no peer is reading them."""
+
+    def finish(self) -> dict:
+        """The update's sync traffic, as UpdateStats fields."""
 
 
 class Learner:
     def __init__(self, cfg: TrainConfig, learner_id: int, obs_shape: tuple[int, ...], obs_dtype: str,
                  num_actions: int, device: str = "cpu"):
-        self.cfg = cfg
-        self.id = learner_id
-        self.device = torch.device(device)
+        self.cfg, self.id, self.device = cfg, learner_id, torch.device(device)
         torch.manual_seed(cfg.seed * 1000 + learner_id)
         self.agent = make_agent(obs_shape, obs_dtype, num_actions, cfg.precision).to(self.device)
         self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
-        self.num_actions = num_actions
-        self.obs_shape, self.obs_dtype = tuple(obs_shape), obs_dtype
+        self.num_actions, self.obs_shape, self.obs_dtype = num_actions, tuple(obs_shape), obs_dtype
+        self.step = 0                  # optimizer steps taken: the weights version
         self.iteration = 0             # iterations completed
-        self.peers: list[PeerLink] = []
-        self.peer_state = PeerState(learner_id, cfg.update_epochs * cfg.num_minibatches, cfg.sync_timeout_s)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.num_learners - 1), thread_name_prefix="peer")
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken: the weights version."""
-        return self.peer_state.step
-
-    def connect(self, peers: list[PeerLink]) -> None:
-        self.peers = peers
-        self.peer_state.peer_ids = {p.peer_id for p in peers}
 
     @property
     def loss_scale(self) -> float:
@@ -63,67 +67,40 @@ class Learner:
         # so its gradient meets the 0.5 clip at full size.
         return 1.0 / self.cfg.num_learners if self.cfg.distilling else 1.0
 
-    def weights(self) -> Weights:
-        return self.peer_state.weights(self.agent)
-
-    # ---------------------------------------------------------------- update
-    def update(self, rollouts: list[Rollout], plan: IterationPlan) -> UpdateStats:
-        """One iteration of PPO epochs over this learner's rollouts, syncing with peers as planned."""
+    def update(self, rollouts: list[Rollout] | Batch, plan: IterationPlan, peers: Peers | None = None) -> UpdateStats:
+        """One iteration of PPO epochs over this learner's batch, syncing with `peers` where the plan says."""
         cfg, t_start = self.cfg, time.perf_counter()
-        batch = Batch.from_rollouts(rollouts, cfg.gamma, cfg.gae_lambda)
+        batch = rollouts if isinstance(rollouts, Batch) else Batch.from_rollouts(rollouts, cfg.gamma, cfg.gae_lambda)
         if batch.size != plan.batch_size:
             raise ValueError(f"learner {self.id}: got {batch.size} samples, plan expects {plan.batch_size}")
         for group in self.optimizer.param_groups:
             group["lr"] = plan.learning_rate
-        distill = plan.distill and bool(self.peers)
-        exact = distill and cfg.distill_mode == "exact"
-        # Detached: chunks of half a micro-batch, so the rows the first micro-batch needs are back about when its
-        # forward ends.
-        exchange = PeerExchange(self.peers if distill else [], self._pool, batch.obs, self.num_actions, exact,
-                                max(1, (cfg.microbatch_size or cfg.minibatch_size) // 2), cfg.sync_timeout_s,
-                                self.device)
-        on_device = batch.to(self.device)    # once per update; the exchange sends the host copy's frames
+        distill = plan.distill and peers is not None and bool(peers.peer_ids)
+        on_device = batch.to(self.device)    # once per update
         steps, sync_index = [], 0
         for epoch in range(plan.update_epochs):
             perm = plan.permutation(epoch)
             for j in range(plan.num_minibatches):
                 mb = perm[j * plan.minibatch_size:(j + 1) * plan.minibatch_size]
                 window = plan.sync_window(epoch, j, perm) if distill else None
-                sync = None
                 if window is not None:
-                    sync = SyncPoint(self.id, plan.iteration, sync_index, self.step)
+                    peers.sync(plan.iteration, sync_index, self.step, window, perm)
                     sync_index += 1
-                    if not exact:
-                        with exchange.stats.blocked():
-                            self.peer_state.keep_snapshot(sync.step, self.agent)
-                    exchange.begin(sync, window, perm)
-                steps.append(self._minibatch_step(on_device, mb, exchange if distill else None, sync))
-                if epoch == 0 and j == 0:
-                    exchange.stats.first_step_seconds = exchange.stats.seconds
-        exchange.finish()
+                steps.append(self._minibatch_step(on_device, mb, peers, distill))
+        sync_stats = peers.finish() if peers is not None else {}
         self.iteration = plan.iteration + 1
-        return self._stats(steps, batch, plan, exchange, time.perf_counter() - t_start)
-
-    def _stats(self, steps: list[dict], batch: Batch, plan: IterationPlan, exchange: PeerExchange,
-               seconds: float) -> UpdateStats:
-        sync = exchange.stats
         return UpdateStats(
             learner_id=self.id, step=self.step, iteration=self.iteration, samples=batch.size * plan.update_epochs,
             **{k: float(np.mean([s[k] for s in steps])) for k in steps[0]},
             explained_variance=ppo.explained_variance(batch.values, batch.returns), learning_rate=plan.learning_rate,
-            update_seconds=seconds, syncs=sync.syncs, sync_seconds=sync.seconds,
-            sync_first_step_seconds=sync.first_step_seconds, sync_latencies=sync.latencies,
-            sync_bytes_sent=sync.bytes_sent, sync_bytes_received=sync.bytes_received,
-            staleness_mean=float(np.mean(sync.staleness)) if sync.staleness else 0.0,
-            staleness_max=int(max(sync.staleness, default=0)))
+            update_seconds=time.perf_counter() - t_start, **sync_stats)
 
-    def _minibatch_step(self, batch: Batch, mb: np.ndarray, exchange: PeerExchange | None,
-                        sync: SyncPoint | None) -> dict:
+    def _minibatch_step(self, batch: Batch, mb: np.ndarray, peers: Peers | None, distill: bool) -> dict:
         """One optimizer step on minibatch `mb`, its forward/backward in micro-batches of cfg.microbatch_size.
 
         Every loss term is a mean over the minibatch, so micro-batch c contributes its mean weighted by
         len(c)/len(mb) and the accumulated gradient is that of one pass (advantages are normalized over the whole
-        minibatch first). Peer logits are awaited only after this micro-batch's own forward pass. `batch` holds
+        minibatch first). Peer logits are asked for only after this micro-batch's own forward pass. `batch` holds
         tensors on my device (Batch.to); the loss terms stay there until one host sync after the last micro-batch
         (on a GPU each .item() would stall the queue of kernels).
         """
@@ -136,10 +113,9 @@ class Learner:
         new_logprobs = []
         try:
             for start in range(0, len(mb), size):
-                terms, new_logprob = self._micro_batch_loss(batch, mb[start:start + size],
-                                                            rows_on_device[start:start + size],
-                                                            advantages[start:start + size],
-                                                            exchange.logits if exchange else None, start)
+                rows = slice(start, start + size)
+                terms, new_logprob = self._micro_batch_loss(batch, rows_on_device[rows], advantages[rows],
+                                                            peers.logits(mb[rows], start) if distill else {})
                 weight = min(size, len(mb) - start) / len(mb)
                 (terms["loss"] * (weight * self.loss_scale)).backward()
                 finite &= torch.isfinite(terms.pop("finite"))
@@ -152,57 +128,38 @@ class Learner:
             if not ok:
                 raise NonFiniteError(f"learner {self.id}: non-finite loss {values[0]} at step {self.step}; "
                                      "update aborted before the optimizer step")
+            if distill:
+                peers.before_step(mb)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.agent.parameters(), cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteError(f"learner {self.id}: non-finite gradient norm at step {self.step}; update aborted")
         except BaseException:
             self.optimizer.zero_grad(set_to_none=True)   # drop the part of the gradient accumulated so far
             raise
-        if exchange is not None:
-            exchange.backward_done(sync, mb, self.step)
-        if exchange is not None and exchange.exact:   # the peers' gradients flow into this step: wait for them all
-            with exchange.stats.blocked():
-                self.peer_state.wait_for_peers(sync.step)
-            self._backprop_peer_grads(sync.step)
-        grad_norm = self._optimizer_step(exchange)
-        return dict(zip([*totals, "approx_kl", "clipfrac"], values), grad_norm=grad_norm)
+        if peers is not None:
+            peers.optimizer_step(self.optimizer.step)
+        else:
+            self.optimizer.step()
+        self.step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return dict(zip([*totals, "approx_kl", "clipfrac"], values), grad_norm=float(grad_norm))
 
-    def _micro_batch_loss(self, batch: Batch, rows: np.ndarray, rows_on_device: torch.Tensor, advantages: torch.Tensor,
-                          peer_logits, start: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _micro_batch_loss(self, batch: Batch, rows: torch.Tensor, advantages: torch.Tensor,
+                          peer_logits: dict[int, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The paper's loss on one micro-batch: PPO's clipped surrogate, value loss and entropy bonus, plus alpha
-        times the mean KL(peer || self) over the peers (`peer_logits(rows, start)`; None: no distillation). Also
-        "finite": a value that is non-finite when the loss or the logits are."""
-        cfg, dev = self.cfg, self.device
-        logits, value = self.agent(batch.obs[rows_on_device])
-        new_logprob = Categorical(logits=logits).log_prob(batch.actions[rows_on_device])
-        pg_loss = ppo.policy_loss(new_logprob, batch.logprobs[rows_on_device], advantages, cfg.clip_coef)
-        v_loss = ppo.value_loss(value, batch.values[rows_on_device], batch.returns[rows_on_device],
-                                cfg.clip_coef if cfg.clip_vloss else None)
+        times the mean KL(peer || self) over the peers' logits on these rows. Also "finite": a value that is
+        non-finite when the loss or the logits are."""
+        cfg = self.cfg
+        logits, value = self.agent(batch.obs[rows])
+        new_logprob = Categorical(logits=logits).log_prob(batch.actions[rows])
+        pg_loss = ppo.policy_loss(new_logprob, batch.logprobs[rows], advantages, cfg.clip_coef)
+        v_loss = ppo.value_loss(value, batch.values[rows], batch.returns[rows], cfg.clip_coef if cfg.clip_vloss else None)
         entropy = ppo.entropy(logits)
-        peers = peer_logits(rows, start) if peer_logits else {}
-        kl = (torch.stack([ppo.kl_to_peer(p, logits) for p in peers.values()]).mean()
-              if peers else torch.zeros((), device=dev))
+        kl = (torch.stack([ppo.kl_to_peer(p, logits) for p in peer_logits.values()]).mean()
+              if peer_logits else torch.zeros((), device=self.device))
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy + cfg.alpha * kl
         finite = loss.detach() + logits.detach().sum() * 0.0     # NaN/inf in any logit makes the sum so
         return dict(zip(LOSS_TERMS, (loss, pg_loss, v_loss, entropy, kl)), finite=finite), new_logprob
-
-    def _optimizer_step(self, exchange: PeerExchange | None) -> float:
-        """Clip, check and apply the accumulated gradient; the new weights are the next version."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.agent.parameters(), self.cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(f"learner {self.id}: non-finite gradient norm at step {self.step}; update aborted")
-        _, waited = self.peer_state.advance(self.optimizer.step)
-        if exchange is not None:   # a peer's chunk was being computed on these weights
-            exchange.stats.seconds += waited
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
-
-    def _backprop_peer_grads(self, step: int) -> None:
-        """Exact mode, in my training thread: the peers' gradients of step `step` into my parameters' .grad.
-        (Backpropagating in the server's thread would make my own update wait for it on my core while the peer,
-        done first, idles.)"""
-        for kept in self.peer_state.take_grads(step):
-            grads = np.split(kept.grad, np.cumsum([len(k) for k in kept.logits])[:-1])
-            torch.autograd.backward(kept.logits,
-                                    [torch.from_numpy(np.ascontiguousarray(g)).to(self.device) for g in grads])
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -211,48 +168,8 @@ class Learner:
                 "model": self.agent.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a state_dict(); every sync in progress is dropped (its step is about to change)."""
         if state["learner_id"] != self.id:
             raise ValueError(f"checkpoint is for learner {state['learner_id']}, not {self.id}")
         self.agent.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.iteration = int(state["iteration"])
-        self.peer_state.reset(int(state["step"]))
-
-    # ----------------------------------------------------------- peer side
-    def serve_logits(self, sync: SyncPoint, chunks: Iterable[np.ndarray], keep_graph: bool) -> Iterator[np.ndarray]:
-        """Logits of my policy on a peer's observations, chunk by chunk, at exactly step `sync.step`.
-
-        Exact mode (`keep_graph`): my live weights; my update does not step past `sync.step` until the peer's
-        gradient is back (PeerState.wait_for_peers). Detached mode: my weights at `sync.step`, kept or live
-        (PeerState.weights_at), so I need not wait for the peer.
-        """
-        self.peer_state.check(sync, wait=keep_graph)
-        kept: list[torch.Tensor] = []
-        rows = 0
-        for obs in chunks:
-            if obs.shape[1:] != self.obs_shape or obs.dtype != np.dtype(self.obs_dtype):
-                raise ValueError(f"observations of shape {obs.shape[1:]} {obs.dtype}, expected {self.obs_shape} "
-                                 f"{self.obs_dtype}")
-            rows += len(obs)
-            if rows > self.cfg.batch_size:
-                raise ValueError(f"oversized request: more than one batch ({self.cfg.batch_size} states)")
-            if obs.dtype.kind == "f" and not np.isfinite(obs).all():
-                raise ValueError("observations contain NaN or inf")
-            x = torch.from_numpy(obs).to(self.device)
-            if keep_graph:
-                logits = self.agent.logits(x)
-                kept.append(logits)
-            else:
-                with self.peer_state.weights_at(sync.step, self.agent) as net, torch.no_grad():
-                    logits = net.logits(x)
-            yield logits.detach().cpu().numpy()
-        self.peer_state.served(sync, kept if keep_graph else None)
-
-    def apply_peer_grad(self, sync: SyncPoint, grad: np.ndarray) -> None:
-        """Exact mode: a peer's d(loss)/d(my logits), checked and queued; my training thread backpropagates it
-        before its optimizer step (_backprop_peer_grads)."""
-        self.peer_state.queue_grad(sync, grad, self.num_actions)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.step, self.iteration = int(state["step"]), int(state["iteration"])

@@ -1,4 +1,5 @@
-"""The learner process: a Learner plus its gRPC server. Only plumbing; the math is in learner.py."""
+"""The learner process: a Learner, its end of the peer exchange (learners/peer/endpoint.py) and their gRPC server.
+Only plumbing; the math is in learner.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from learners.records import Rollout, ServedPolicy, UpdateStats, Weights
 from learners.checkpoint import tensors_from_bytes, tensors_to_bytes
 from learners.config import TrainConfig
 from learners.peer.client import PeerClient
+from learners.peer.endpoint import PeerEndpoint
 from learners.peer.security import ChannelSecurity
 from learners.peer.service import serve
 from learners.learner import Learner, NonFiniteError
@@ -44,11 +46,12 @@ class LearnerWorker:
         self.device = resolve_device(cfg.device)
         warn_if_emulated_bf16(cfg.precision, self.device, f"learner {learner_id}")
         self.learner = Learner(cfg, learner_id, obs_shape, obs_dtype, num_actions, self.device)
+        self.endpoint = PeerEndpoint(self.learner)
         port = cfg.grpc_port + learner_id if cfg.grpc_port else 0
         # The token comes as an argument, not in cfg, so it never lands in config.json or a log.
         self.security = ChannelSecurity.from_config(cfg, token)
         self.telemetry = LearnerTelemetry(cfg, learner_id, self.device)   # its /metrics endpoint (learners/telemetry/metrics.py)
-        self.server, self.port = serve(self.learner, bind_host(cfg.grpc_host), port, self.security,
+        self.server, self.port = serve(self.endpoint, bind_host(cfg.grpc_host), port, self.security,
                                        interceptors=(self.telemetry.grpc_server_interceptor(),))
         self.clients: list[PeerClient] = []
         self.inference = (InferenceServer(self.learner.agent, self.learner.device, cfg.num_actors,
@@ -68,16 +71,22 @@ class LearnerWorker:
                         for pid, addr in sorted(addresses.items()) if pid != self.id]
         for client in self.clients:
             client.wait_ready(self.cfg.rpc_timeout_s)
-        self.learner.connect(self.clients)
+        self.endpoint.connect(self.clients)
 
     def weights(self) -> Weights:
-        return self.learner.weights()
+        return self.endpoint.weights()
+
+    def hold_peer_frames(self, iteration: int, peer_id: int, *rollouts: Rollout) -> int:
+        """Peer `peer_id`'s rollouts of `iteration` (Ray references, resolved here): its frames, which its logits
+        requests name rows of. Returns the bytes of peer frames I hold."""
+        self.endpoint.hold_frames(peer_id, iteration, list(rollouts))
+        return self.endpoint.frames.nbytes
 
     def policy(self) -> Weights | ServedPolicy:
         """What my rollout actors collect the next rollout with: my weights, or (learner-served inference) their
         version, which I then serve."""
         if self.inference is None:
-            return self.learner.weights()
+            return self.endpoint.weights()
         self.inference.load(self.learner.step, self.learner.agent)
         return ServedPolicy(self.id, self.learner.step)
 
@@ -91,7 +100,7 @@ class LearnerWorker:
     def update(self, plan: IterationPlan, *rollouts: Rollout) -> UpdateStats:
         started, step_before = time.perf_counter(), self.learner.step
         try:
-            stats = self.learner.update(list(rollouts), plan)
+            stats = self.endpoint.update(list(rollouts), plan)
         except NonFiniteError:
             self.telemetry.record_nonfinite()
             raise
@@ -111,6 +120,7 @@ class LearnerWorker:
     def load_state(self, data: bytes) -> int:
         state = tensors_from_bytes(data)
         self.learner.load_state_dict(state)
+        self.endpoint.reset()
         if self.inference is not None:
             self.inference.reset()
         torch.set_rng_state(state["torch_rng"])
@@ -122,5 +132,5 @@ class LearnerWorker:
         for client in self.clients:
             client.close()
         self.server.stop(grace=1.0).wait(5)
-        self.learner.close()
+        self.endpoint.close()
         self.telemetry.close()

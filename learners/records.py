@@ -8,6 +8,7 @@ observations stay in their native dtype (uint8 frames for Procgen).
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -56,10 +57,26 @@ class Rollout:
     episode_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     collect_seconds: float = 0.0
     inference_seconds: float = 0.0
+    digest: str = ""          # of the frames, made where they are made (the actor): tells re-collected frames apart
+
+    def __post_init__(self):
+        if not self.digest:
+            self.digest = hashlib.blake2b(np.ascontiguousarray(self.obs).data, digest_size=16).hexdigest()
 
     @property
     def env_steps(self) -> int:
         return int(self.actions.size)
+
+
+def batch_frames(rollouts: list[Rollout]) -> tuple[np.ndarray, str]:
+    """The observations of a batch made of `rollouts`, in its row order, and their digest. The one place that order is
+    set: a learner trains on these rows (Batch.from_rollouts) and its peers answer for them (learners/peer/frames.py).
+    One rollout is used in place: no copy of its frames (200 MB at the paper's shape)."""
+    parts = [r.obs.reshape(-1, *r.obs.shape[2:]) for r in rollouts]
+    obs = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
+    digest = rollouts[0].digest if len(rollouts) == 1 else hashlib.blake2b(
+        "".join(r.digest for r in rollouts).encode(), digest_size=16).hexdigest()
+    return obs, digest
 
 
 @dataclass
@@ -142,18 +159,22 @@ class Batch:
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
                 tensor = torch.from_numpy(array)
             return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
-        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "digest"},
+                     digest=self.digest)
+
+    digest: str = ""          # of the frames (batch_frames)
 
     @classmethod
     def from_rollouts(cls, rollouts: list[Rollout], gamma: float, gae_lambda: float) -> "Batch":
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "actions", "logprobs", "values", "advantages", "returns")}
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("actions", "logprobs", "values", "advantages", "returns")}
         for r in rollouts:
             advantages, returns = compute_gae(r.rewards, r.values, r.dones, r.next_value, gamma, gae_lambda)
-            for name, array in (("obs", r.obs), ("actions", r.actions), ("logprobs", r.logprobs),
-                                ("values", r.values), ("advantages", advantages), ("returns", returns)):
+            for name, array in (("actions", r.actions), ("logprobs", r.logprobs), ("values", r.values),
+                                ("advantages", advantages), ("returns", returns)):
                 parts[name].append(array.reshape(-1, *array.shape[2:]))
-        # One rollout (one actor per learner) is used in place: no copy of its frames (200 MB at the paper's shape).
-        return cls(**{k: np.ascontiguousarray(v[0] if len(v) == 1 else np.concatenate(v)) for k, v in parts.items()})
+        obs, digest = batch_frames(rollouts)
+        return cls(obs=obs, **{k: np.ascontiguousarray(v[0] if len(v) == 1 else np.concatenate(v))
+                               for k, v in parts.items()}, digest=digest)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -16,8 +17,12 @@ import torch
 
 from learners.bench.synthetic import synthetic_rollout  # noqa: F401  (the tests' batches, as the bench's)
 from learners.config import TrainConfig
+from learners.records import Batch
+from learners.reference import mdpo_update
 from learners.learner import Learner
 from learners.peer.client import PeerClient
+from learners.peer.endpoint import PeerEndpoint
+from learners.peer.inproc import InProcessLink
 from learners.peer.guard import PEER_ID_KEY
 from learners.peer.security import ChannelSecurity
 from learners.peer.service import serve
@@ -55,33 +60,47 @@ def peer_channel(address: str, peer_id: int = 0) -> grpc.Channel:
 
 
 class LearnerPair:
-    """N learners with real gRPC servers on 127.0.0.1, wired to each other, in this process."""
+    """N learners in this process, each with its PeerEndpoint, wired to each other: over real gRPC servers on
+    127.0.0.1 (`wire="grpc"`), or directly (`wire="inproc"`: learners/peer/inproc.py)."""
 
-    def __init__(self, cfg: TrainConfig, obs_shape, obs_dtype, num_actions: int, security=None, device: str = "cpu"):
+    def __init__(self, cfg: TrainConfig, obs_shape, obs_dtype, num_actions: int, security=None, device: str = "cpu",
+                 wire: str = "grpc"):
         security = security or ChannelSecurity()
+        self.cfg = cfg
         self.learners = [Learner(cfg, i, obs_shape, obs_dtype, num_actions, device) for i in range(cfg.num_learners)]
-        self.servers, self.ports = [], []
-        for learner in self.learners:
-            server, port = serve(learner, "127.0.0.1", 0, security)
+        self.endpoints = [PeerEndpoint(learner) for learner in self.learners]
+        self.servers, self.ports, self.clients = [], [], []
+        if wire == "inproc":
+            for endpoint in self.endpoints:
+                endpoint.connect([InProcessLink(p) for p in self.endpoints if p is not endpoint])
+            return
+        for endpoint in self.endpoints:
+            server, port = serve(endpoint, "127.0.0.1", 0, security)
             self.servers.append(server)
             self.ports.append(port)
-        self.clients = []
-        for learner in self.learners:
-            peers = [PeerClient(p, learner.id, f"127.0.0.1:{self.ports[p]}", cfg.rpc_timeout_s, security)
-                     for p in range(cfg.num_learners) if p != learner.id]
+        for endpoint in self.endpoints:
+            peers = [PeerClient(p, endpoint.id, f"127.0.0.1:{self.ports[p]}", cfg.rpc_timeout_s, security)
+                     for p in range(cfg.num_learners) if p != endpoint.id]
             for c in peers:
                 c.wait_ready(10)
-            learner.connect(peers)
+            endpoint.connect(peers)
             self.clients.extend(peers)
+
+    def hold_frames(self, rollouts, iteration: int) -> None:
+        """What the coordinator does beside each update: every learner gets its peers' rollouts of the iteration."""
+        for endpoint in self.endpoints:
+            for p in endpoint.peer_ids:
+                endpoint.hold_frames(p, iteration, [rollouts[p]])
 
     def update_all(self, rollouts, plan, delays=None) -> list[dict]:
         """Every learner's update in a thread of its own; learner i starts `delays[i]` seconds late."""
         results, errors = [None] * len(self.learners), []
+        self.hold_frames(rollouts, plan.iteration)
 
         def run(i):
             try:
                 time.sleep(delays[i] if delays else 0)
-                results[i] = self.learners[i].update([rollouts[i]], plan)
+                results[i] = self.endpoints[i].update([rollouts[i]], plan)
             except BaseException as err:  # surfaced below
                 errors.append(err)
 
@@ -99,8 +118,25 @@ class LearnerPair:
             c.close()
         for s in self.servers:
             s.stop(None)
-        for learner in self.learners:
-            learner.close()
+        for endpoint in self.endpoints:
+            endpoint.close()
+
+
+def reference_of(pair: LearnerPair) -> tuple[list, list]:
+    """Copies of the pair's agents and Adams as they are now: the start of learners/reference.py's update."""
+    agents = [copy.deepcopy(l.agent) for l in pair.learners]
+    optimizers = []
+    for agent, learner in zip(agents, pair.learners):
+        opt = torch.optim.Adam(agent.parameters(), lr=pair.cfg.learning_rate, eps=pair.cfg.adam_eps)
+        opt.load_state_dict(learner.optimizer.state_dict())
+        optimizers.append(opt)
+    return agents, optimizers
+
+
+def reference_update(agents, optimizers, rollouts, cfg: TrainConfig, plan) -> list[dict]:
+    """learners/reference.py's update of `agents` on one rollout each."""
+    batches = [Batch.from_rollouts([r], cfg.gamma, cfg.gae_lambda) for r in rollouts]
+    return mdpo_update(agents, optimizers, batches, cfg, plan)
 
 
 def assert_same_parameters(net, reference, rtol=1e-4, atol=1e-5):

@@ -1,50 +1,20 @@
-"""`exact` mode over real gRPC equals the authors' single-process joint update (issue 2, item 6)."""
+"""`exact` mode equals the authors' single-process joint update (learners/reference.py), over real gRPC and through
+in-process peers (issue 2, item 6; issue 23)."""
 
-import copy
+import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from torch.distributions import Categorical
 
-from learners import ppo
-from learners.records import Batch
 from learners.config import TrainConfig
 from learners.schedule import IterationPlan
-from tests.helpers import LearnerPair, assert_same_parameters, synthetic_rollout
+from tests.helpers import LearnerPair, assert_same_parameters, reference_of, reference_update, synthetic_rollout
 
 
-def reference_update(agents, rollouts, cfg: TrainConfig, plan: IterationPlan):
-    """The authors' objective in one process: 0.5*(loss_A + loss_B), one joint backward (peer not detached),
-    gradient clipping per network, one Adam over both networks."""
-    batches = [Batch.from_rollouts([r], cfg.gamma, cfg.gae_lambda) for r in rollouts]
-    params = [p for a in agents for p in a.parameters()]
-    optimizer = torch.optim.Adam(params, lr=plan.learning_rate, eps=cfg.adam_eps)
-    mbs = plan.minibatch_size
-    for epoch in range(plan.update_epochs):
-        perm = plan.permutation(epoch)
-        for j in range(plan.num_minibatches):
-            mb = perm[j * mbs:(j + 1) * mbs]
-            losses = []
-            for me, peer, b in ((agents[0], agents[1], batches[0]), (agents[1], agents[0], batches[1])):
-                obs = torch.from_numpy(b.obs[mb])
-                logits, value = me(obs)
-                newlogprob = Categorical(logits=logits).log_prob(torch.from_numpy(b.actions[mb]))
-                adv = ppo.normalize_advantages(torch.from_numpy(b.advantages[mb]))
-                pg = ppo.policy_loss(newlogprob, torch.from_numpy(b.logprobs[mb]), adv, cfg.clip_coef)
-                v = ppo.value_loss(value, torch.from_numpy(b.values[mb]), torch.from_numpy(b.returns[mb]), cfg.clip_coef)
-                kl = ppo.kl_to_peer(peer.logits(obs), logits)       # peer NOT detached
-                losses.append(pg + cfg.vf_coef * v - cfg.ent_coef * ppo.entropy(logits) + cfg.alpha * kl)
-            optimizer.zero_grad()
-            (0.5 * (losses[0] + losses[1])).backward()
-            for a in agents:
-                torch.nn.utils.clip_grad_norm_(a.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-
-
-@pytest.mark.parametrize("obs_shape,obs_dtype,num_actions", [((4,), "float32", 2), ((64, 64, 3), "uint8", 15)],
-                         ids=["mlp", "impala"])
-def test_exact_mode_matches_joint_single_process_update(obs_shape, obs_dtype, num_actions):
+@pytest.mark.parametrize("obs_shape,obs_dtype,num_actions,wire", [
+    ((4,), "float32", 2, "grpc"), ((64, 64, 3), "uint8", 15, "grpc"), ((4,), "float32", 2, "inproc")],
+    ids=["mlp", "impala", "mlp-inproc"])
+def test_exact_mode_matches_joint_single_process_update(obs_shape, obs_dtype, num_actions, wire):
     num_steps, num_envs = (16, 4) if obs_dtype == "float32" else (4, 4)
     cfg = TrainConfig(env_id="CartPole-v1", alpha=1.0, distill_mode="exact", sync="minibatch", num_envs=num_envs,
                       num_steps=num_steps, num_minibatches=2, update_epochs=2, learning_rate=1e-2, rpc_timeout_s=30,
@@ -53,18 +23,23 @@ def test_exact_mode_matches_joint_single_process_update(obs_shape, obs_dtype, nu
                          sync="minibatch", distill=True, learning_rate=cfg.learning_rate)
     rollouts = [synthetic_rollout(i, obs_shape, obs_dtype, num_actions, num_steps, num_envs, seed=10 + i)
                 for i in range(2)]
-    pair = LearnerPair(cfg, obs_shape, obs_dtype, num_actions)
+    pair = LearnerPair(cfg, obs_shape, obs_dtype, num_actions, wire=wire)
     try:
-        reference = [copy.deepcopy(l.agent) for l in pair.learners]
-        initial = [copy.deepcopy(l.agent.state_dict()) for l in pair.learners]
+        reference, optimizers = reference_of(pair)
+        initial = [{k: v.clone() for k, v in l.agent.state_dict().items()} for l in pair.learners]
         stats = pair.update_all(rollouts, plan)
-        reference_update(reference, rollouts, cfg, plan)
+        expected = reference_update(reference, optimizers, rollouts, cfg, plan)
         for learner, ref, init in zip(pair.learners, reference, initial):
             assert_same_parameters(learner.agent, ref)
             assert any(not torch.equal(p.detach(), init[name]) for name, p in learner.agent.named_parameters()), \
                 "the update did not change the parameters"
             assert learner.step == 4
         assert all(s.syncs == 4 and s.kl_peer > 0 for s in stats)
+        for s, e in zip(stats, expected):       # the loss terms the learners report are the reference's too
+            for name in ("loss", "policy_loss", "value_loss", "entropy", "kl_peer", "grad_norm"):
+                assert getattr(s, name) == pytest.approx(e[name], rel=1e-4, abs=1e-6), name
+        if wire == "inproc":
+            assert all(s.sync_bytes_sent == 0 for s in stats)
     finally:
         pair.close()
 
@@ -77,9 +52,9 @@ def test_detached_mode_differs_from_exact():
     rollouts = [synthetic_rollout(i, (4,), "float32", 2, 16, 4, seed=10 + i) for i in range(2)]
     pair = LearnerPair(cfg, (4,), "float32", 2)
     try:
-        reference = [copy.deepcopy(l.agent) for l in pair.learners]
+        reference, optimizers = reference_of(pair)
         pair.update_all(rollouts, plan)
-        reference_update(reference, rollouts, cfg, plan)
+        reference_update(reference, optimizers, rollouts, dataclasses.replace(cfg, distill_mode="exact"), plan)
         diffs = [max((p - r).abs().max().item() for p, r in zip(l.agent.parameters(), ref.parameters()))
                  for l, ref in zip(pair.learners, reference)]
         assert max(diffs) > 1e-4

@@ -10,44 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from torch.distributions import Categorical
 
-from learners import ppo
-from learners.records import Batch
 from learners.config import TrainConfig
-from learners.peer.fetch import IndexedRows, PeerFetch
+from learners.peer.fetch import PeerFetch
 from learners.schedule import IterationPlan
-from tests.helpers import LearnerPair, assert_same_parameters, synthetic_rollout
-
-
-def detached_reference(agents, rollouts, cfg: TrainConfig, plan: IterationPlan):
-    """Classic DML in one process, whole minibatches: at each sync point every agent's targets are the peer's
-    logits on the sync window at that moment (detached); each agent has its own Adam and loss scale 1/2."""
-    batches = [Batch.from_rollouts([r], cfg.gamma, cfg.gae_lambda) for r in rollouts]
-    optimizers = [torch.optim.Adam(a.parameters(), lr=plan.learning_rate, eps=cfg.adam_eps) for a in agents]
-    targets = [np.zeros((plan.batch_size, 15 if b.obs.ndim == 4 else 2), np.float32) for b in batches]
-    mbs = plan.minibatch_size
-    for epoch in range(plan.update_epochs):
-        perm = plan.permutation(epoch)
-        for j in range(plan.num_minibatches):
-            window = plan.sync_window(epoch, j, perm)
-            if window is not None:
-                with torch.no_grad():
-                    for i, b in enumerate(batches):
-                        targets[i][window] = agents[1 - i].logits(torch.from_numpy(b.obs[window])).numpy()
-            mb = perm[j * mbs:(j + 1) * mbs]
-            for i, (agent, b, opt) in enumerate(zip(agents, batches, optimizers)):
-                logits, value = agent(torch.from_numpy(b.obs[mb]))
-                newlogprob = Categorical(logits=logits).log_prob(torch.from_numpy(b.actions[mb]))
-                adv = ppo.normalize_advantages(torch.from_numpy(b.advantages[mb]))
-                pg = ppo.policy_loss(newlogprob, torch.from_numpy(b.logprobs[mb]), adv, cfg.clip_coef)
-                v = ppo.value_loss(value, torch.from_numpy(b.values[mb]), torch.from_numpy(b.returns[mb]), cfg.clip_coef)
-                kl = ppo.kl_to_peer(torch.from_numpy(targets[i][mb]), logits)
-                loss = pg + cfg.vf_coef * v - cfg.ent_coef * ppo.entropy(logits) + cfg.alpha * kl
-                opt.zero_grad()
-                (0.5 * loss).backward()
-                torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
-                opt.step()
+from tests.helpers import LearnerPair, assert_same_parameters, reference_of, reference_update, synthetic_rollout
 
 
 @pytest.mark.parametrize("sync", ["minibatch", "2", "epoch", "iteration"])
@@ -62,9 +29,9 @@ def test_streamed_syncs_and_microbatches_equal_the_single_process_update(sync, m
     rollouts = [synthetic_rollout(i, (4,), "float32", 2, 8, 4, seed=20 + i) for i in range(2)]
     pair = LearnerPair(cfg, (4,), "float32", 2)
     try:
-        reference = [copy.deepcopy(l.agent) for l in pair.learners]
+        reference, optimizers = reference_of(pair)
         stats = pair.update_all(rollouts, plan)
-        detached_reference(reference, rollouts, cfg, plan)
+        reference_update(reference, optimizers, rollouts, cfg, plan)
         for learner, ref in zip(pair.learners, reference):
             assert_same_parameters(learner.agent, ref)
         for s in stats:
@@ -85,22 +52,20 @@ def test_a_learner_ahead_steps_on_and_its_peer_reads_the_kept_weights():
     rollouts = [synthetic_rollout(i, (4,), "float32", 2, 8, 4, seed=30 + i) for i in range(2)]
     pair = LearnerPair(cfg, (4,), "float32", 2)
     try:
-        reference = [copy.deepcopy(l.agent) for l in pair.learners]
+        reference, optimizers = reference_of(pair)
         pair.update_all(rollouts, plan, delays=[0.0, 1.0])
-        detached_reference(reference, rollouts, cfg, plan)
+        reference_update(reference, optimizers, rollouts, cfg, plan)
         for learner, ref in zip(pair.learners, reference):
             assert_same_parameters(learner.agent, ref)
-        ahead, late = pair.learners
-        assert ahead.peer_state.snapshot_reads >= 1    # step 0's weights, read after learner 0 had stepped past them
-        assert ahead.peer_state.kept_snapshots == [] and late.peer_state.kept_snapshots == []   # all read, let go
+        ahead, late = pair.endpoints
+        assert ahead.state.snapshot_reads >= 1    # step 0's weights, read after learner 0 had stepped past them
+        assert ahead.state.kept_snapshots == [] and late.state.kept_snapshots == []   # all read, let go
     finally:
         pair.close()
 
 
 def test_exact_mode_with_microbatches_still_equals_the_joint_update():
     """Exact mode: the KL gradient of each micro-batch flows into the slice of the peer's logits it used."""
-    from tests.test_exact_mode import reference_update
-
     cfg = TrainConfig(env_id="CartPole-v1", alpha=1.0, distill_mode="exact", sync="minibatch", num_envs=4,
                       num_steps=16, num_minibatches=2, update_epochs=2, learning_rate=1e-2, microbatch_size=5,
                       rpc_timeout_s=30, sync_timeout_s=30)
@@ -108,9 +73,9 @@ def test_exact_mode_with_microbatches_still_equals_the_joint_update():
     rollouts = [synthetic_rollout(i, (4,), "float32", 2, 16, 4, seed=10 + i) for i in range(2)]
     pair = LearnerPair(cfg, (4,), "float32", 2)
     try:
-        reference = [copy.deepcopy(l.agent) for l in pair.learners]
+        reference, optimizers = reference_of(pair)
         pair.update_all(rollouts, plan)
-        reference_update(reference, rollouts, cfg, plan)
+        reference_update(reference, optimizers, rollouts, cfg, plan)
         for learner, ref in zip(pair.learners, reference):
             assert_same_parameters(learner.agent, ref)
     finally:
@@ -155,17 +120,12 @@ def test_microbatching_gives_the_gradient_of_one_pass_on_images():
             torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_indexed_rows_and_a_failed_stream_surface_in_the_training_thread():
-    obs = np.arange(10 * 3).reshape(10, 3)
-    rows = IndexedRows(obs, np.array([4, 1, 7]))
-    assert len(rows) == 3 and rows.shape == (3, 3) and rows.dtype == obs.dtype
-    np.testing.assert_array_equal(rows[1:3], obs[[1, 7]])
-
-    def bad_peer(sync, obs, keep_graph, on_chunk):
+def test_a_failed_stream_surfaces_in_the_training_thread():
+    def bad_peer(sync, frames_digest, rows, keep_graph, on_chunk):
         on_chunk(np.full((2, 2), np.nan, np.float32))
 
     fetch = PeerFetch(1, np.arange(4), 2)
-    fetch.run(bad_peer, None, None, False)
+    fetch.run(bad_peer, None, "digest", np.arange(4), False)
     with pytest.raises(RuntimeError, match="bad logits"):
         fetch.wait(1, timeout_s=1)
 
@@ -214,6 +174,7 @@ def test_loading_a_checkpoint_drops_the_weights_kept_for_peers():
     """After a restore, a peer asking for step s gets the restored weights, never a copy kept before the restore."""
     from learners.peer.sync import SyncPoint
     from learners.learner_worker import LearnerWorker
+    from learners.records import batch_frames
 
     cfg = TrainConfig(env_id="CartPole-v1", alpha=1.0, num_envs=4, num_steps=8, num_minibatches=2, update_epochs=1,
                       metrics_port=-1, rpc_timeout_s=30, sync_timeout_s=5)
@@ -222,17 +183,21 @@ def test_loading_a_checkpoint_drops_the_weights_kept_for_peers():
         addresses = {w.id: w.address() for w in workers}
         for w in workers:
             w.connect(addresses)
-        learner = workers[0].learner
-        learner.peer_state.keep_snapshot(0, learner.agent)   # step 0's weights, not yet read by the peer
+        learner, endpoint = workers[0].learner, workers[0].endpoint
+        endpoint.state.keep_snapshot(0, learner.agent)   # step 0's weights, not yet read by the peer
         with torch.no_grad():
             for p in learner.agent.parameters():
                 p.add_(0.5)
         restored = workers[0].state()                       # other weights, same step: a checkpoint to restore
         workers[0].load_state(restored)
-        obs = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
-        logits, _, _ = workers[1].clients[0].fetch_logits(SyncPoint(1, 0, 0, 0), obs, False)
+        assert endpoint.state.kept_snapshots == []
+        rollout = synthetic_rollout(1, (4,), "float32", 2, 8, 4, seed=3)      # learner 1's batch of iteration 0
+        assert workers[0].hold_peer_frames(0, 1, rollout) == rollout.obs.nbytes
+        obs, digest = batch_frames([rollout])
+        rows = np.array([5, 0, 17, 3])
+        logits, _, _ = workers[1].clients[0].fetch_logits(SyncPoint(1, 0, 0, 0), digest, rows, False)
         with torch.no_grad():
-            expected = learner.agent.logits(torch.from_numpy(obs)).numpy()
+            expected = learner.agent.logits(torch.from_numpy(obs[rows])).numpy()
         np.testing.assert_allclose(logits, expected, rtol=1e-6)
     finally:
         for w in workers:

@@ -73,7 +73,6 @@ def update_cost(cfg: TrainConfig, device: str, min_seconds: float, min_reps: int
         learner.update([rollout], plan)
         _sync(dev)
     rate = _best(run, cfg.batch_size * cfg.update_epochs, min_seconds, min_reps)
-    learner.close()
     return Cost(device, cfg.precision, "update", cfg.minibatch_size, rate)
 
 

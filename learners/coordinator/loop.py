@@ -91,8 +91,9 @@ class Coordinator:
     def _start_learners(self) -> None:
         learner_opts, obs_shape, obs_dtype, num_actions = self._learner_args
         token = channel_token(self.cfg)     # read here, handed over, never stored
-        # Threads: control calls (state, stop) are not stuck behind an update; each actor's inference call waits in one
-        threads = 2 + self.cfg.num_actors * (self.cfg.inference != "actor")
+        # Threads: control calls (state, stop) are not stuck behind an update; each actor's inference call waits in one,
+        # and the peers' frames are taken in while it updates.
+        threads = 2 + (self.cfg.num_learners - 1) + self.cfg.num_actors * (self.cfg.inference != "actor")
         remote_learner = ray.remote(LearnerWorker).options(**learner_opts, max_concurrency=threads)
         self.learners = [remote_learner.remote(self.cfg, i, obs_shape, obs_dtype, num_actions, token)
                          for i in range(self.cfg.num_learners)]
@@ -195,7 +196,8 @@ class Coordinator:
            until all are there, within the hang bound (learners/coordinator/failures.py: a hung actor is killed,
            Ray restarts it and it collects again);
         4. every learner updates at once (learners/learner.py): PPO epochs over its rollouts, meeting its peers at
-           the plan's sync points over gRPC (learners/peer/) for the distillation term; a learner past the bound
+           the plan's sync points over gRPC (learners/peer/) for the distillation term: each learner is handed its
+           peers' rollouts too, so only rows and logits cross the wire; a learner past the bound
            is hung (HangDetected) and the run rolls back as for a kill (_recover);
         5. the driver adds up env steps, episode returns and sync traffic, polls finished evaluations and starts
            new ones (actors/evaluator.py, never blocking), and returns the record that metrics.jsonl gets.
@@ -211,8 +213,12 @@ class Coordinator:
             # The next iteration's rollouts, collected with these pre-update weights while the learners update (the
             # learners take calls concurrently, so the weights had to be taken, above, before the update is sent).
             self.next_rollouts = self._collect(weights)
-        stats: list[UpdateStats] = self._get([l.update.remote(plan, *rollouts[i]) for i, l in enumerate(self.learners)],
-                                             "learner updates")
+        # Each learner holds its peers' frames of the iteration (object-store references, resolved in its process):
+        # a sync then sends rows and logits, never frames.
+        held = [l.hold_peer_frames.remote(it, p, *rollouts[p]) for i, l in enumerate(self.learners)
+                for p in range(cfg.num_learners) if p != i and cfg.distilling]
+        updates = [l.update.remote(plan, *rollouts[i]) for i, l in enumerate(self.learners)]
+        stats: list[UpdateStats] = self._get(updates + held, "learner updates")[:len(updates)]
         self.iteration = it + 1
         for i, a, state in self.book.observe(self._get([r for group in reports for r in group], "actor reports")):
             self.actors[i][a].set_state.remote(state)

@@ -59,27 +59,18 @@ class PeerClient:
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise ConnectionError(f"peer {self.peer_id} at {self.address} is not serving (status {status})")
 
-    def fetch_logits(self, sync: SyncPoint, obs: np.ndarray, keep_graph: bool,
+    def fetch_logits(self, sync: SyncPoint, frames_digest: str, rows: np.ndarray, keep_graph: bool,
                      on_chunk: Callable[[np.ndarray], None] | None = None,
-                     max_rows: int | None = None) -> tuple[np.ndarray, int, int]:
-        """The peer's logits on `obs` (any sliceable rows with .shape/.dtype), plus (bytes sent, bytes received).
-        `on_chunk` sees each chunk of logits as it arrives, so the caller can use the first rows early; `max_rows`
-        caps the rows per message (smaller chunks: the first logits come back sooner)."""
-        rows = min(chunk_rows(obs), max_rows or len(obs) or 1)
-        starts = range(0, len(obs), rows)
-        sent = 0
-
-        def requests():
-            nonlocal sent
-            for i, start in enumerate(starts):
-                msg = pb.ObsChunk(sync=sync_msg(sync), chunk_index=i, num_chunks=len(starts),
-                                  obs=to_ndarray(obs[start:start + rows]), keep_graph=keep_graph)
-                sent += msg.ByteSize()
-                yield msg
-
+                     rows_per_chunk: int | None = None) -> tuple[np.ndarray, int, int]:
+        """The peer's logits on rows `rows` of my batch of `sync.iteration` (frames `frames_digest`, which the peer
+        holds), plus (bytes sent, bytes received). `on_chunk` sees each chunk of logits as it arrives, so the caller
+        can use the first rows early; `rows_per_chunk` caps the rows per reply (smaller: the first come sooner)."""
+        request = pb.LogitsRequest(sync=sync_msg(sync), frames_digest=frames_digest,
+                                   rows=to_ndarray(np.asarray(rows, np.int32)), keep_graph=keep_graph,
+                                   rows_per_chunk=rows_per_chunk or 0)
         chunks, received = [], 0
         with self._call("PeerLogits"):
-            call = self.stub.PeerLogits(requests(), timeout=self.timeout_s, metadata=self.metadata)
+            call = self.stub.PeerLogits(request, timeout=self.timeout_s, metadata=self.metadata)
             try:
                 for reply in call:
                     received += reply.ByteSize()
@@ -89,7 +80,7 @@ class PeerClient:
             except BaseException:
                 call.cancel()        # e.g. on_chunk rejected a chunk: do not leave the stream open
                 raise
-        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32), sent, received
+        return (np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)), request.ByteSize(), received
 
     def send_grad(self, sync: SyncPoint, grad: np.ndarray) -> int:
         grad = grad.astype(np.float32, copy=False)

@@ -1,9 +1,10 @@
-"""One update's traffic with the peers, seen from the learner that asks: the requesting side of every sync.
+"""One update's traffic with the peers, seen from the learner that asks: the `Peers` a Learner's update talks to.
 
-At each sync point the learner asks every peer for its logits on a window of its states (learners/peer/fetch.py
-streams them in while it computes); each micro-batch then takes the peers' logits on its own rows. Detached mode
-keeps the latest logits per sample as plain targets; exact mode turns each peer's logits on the minibatch into a
-leaf that collects d(KL)/d(peer logits), which goes back to the peer after the backward pass.
+At each sync point the learner asks every peer for its logits on a window of its batch's rows (the peers hold its
+frames: learners/peer/frames.py), streamed back while it computes (learners/peer/fetch.py); each micro-batch then
+takes the peers' logits on its own rows. Detached mode keeps the latest logits per sample as plain targets; exact
+mode turns each peer's logits on the minibatch into a leaf that collects d(KL)/d(peer logits), which goes back to
+the peer after the backward pass, while the peer's gradient for my logits comes in and is added to mine.
 """
 
 from __future__ import annotations
@@ -18,18 +19,19 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from learners.peer.fetch import IndexedRows, PeerFetch
+from learners.peer.fetch import PeerFetch
+from learners.peer.state import PeerState
 from learners.peer.sync import SyncPoint
 
 
 class PeerLink(Protocol):
     peer_id: int
 
-    def fetch_logits(self, sync: SyncPoint, obs: np.ndarray, keep_graph: bool,
+    def fetch_logits(self, sync: SyncPoint, frames_digest: str, rows: np.ndarray, keep_graph: bool,
                      on_chunk: Callable[[np.ndarray], None] | None = None,
-                     max_rows: int | None = None) -> tuple[np.ndarray, int, int]:
-        """The peer's logits on `obs`; also (bytes sent, bytes received). `on_chunk` sees each chunk as it arrives;
-        `max_rows` caps the rows per streamed message."""
+                     rows_per_chunk: int | None = None) -> tuple[np.ndarray, int, int]:
+        """The peer's logits on rows `rows` of my batch (whose frames it holds); also (bytes sent, bytes received).
+        `on_chunk` sees each chunk as it arrives; `rows_per_chunk` caps the rows per streamed message."""
 
     def send_grad(self, sync: SyncPoint, grad: np.ndarray) -> int:
         """Exact mode: d(my loss)/d(peer logits) back to the peer; returns bytes sent."""
@@ -46,7 +48,7 @@ class SyncStats:
     staleness: list[int] = field(default_factory=list)   # optimizer steps since the peer's logits were made
     # Blocked during the first optimizer step of the update: mostly waiting for a peer that started later (its
     # rollouts arrived later), which the barrier turns into sync time.
-    first_step_seconds: float = 0.0
+    first_step_seconds: float | None = None
 
     @contextlib.contextmanager
     def blocked(self) -> Iterator[None]:
@@ -57,43 +59,59 @@ class SyncStats:
         finally:
             self.seconds += time.perf_counter() - t0
 
+    def fields(self) -> dict:
+        """As UpdateStats fields."""
+        return dict(syncs=self.syncs, sync_seconds=self.seconds, sync_first_step_seconds=self.first_step_seconds or 0.0,
+                    sync_latencies=self.latencies, sync_bytes_sent=self.bytes_sent,
+                    sync_bytes_received=self.bytes_received,
+                    staleness_mean=float(np.mean(self.staleness)) if self.staleness else 0.0,
+                    staleness_max=int(max(self.staleness, default=0)))
+
 
 class PeerExchange:
-    """The requesting side of one update's syncs with `peers` (none: no distillation this update)."""
+    """The `Peers` (learners/learner.py) of one update over `links` (none: no distillation this update)."""
 
-    def __init__(self, peers: list[PeerLink], pool: ThreadPoolExecutor, obs: np.ndarray, num_actions: int,
-                 exact: bool, stream_rows: int, timeout_s: float, device: torch.device):
-        self.peers, self.pool, self.obs, self.num_actions, self.exact = peers, pool, obs, num_actions, exact
+    def __init__(self, links: list[PeerLink], state: PeerState, agent: torch.nn.Module, pool: ThreadPoolExecutor,
+                 batch_size: int, frames_digest: str, num_actions: int, exact: bool, stream_rows: int,
+                 timeout_s: float, device: torch.device):
+        self.links, self.state, self.agent, self.pool = links, state, agent, pool
+        self.digest, self.num_actions, self.exact = frames_digest, num_actions, exact
         self.stream_rows, self.timeout_s, self.device = stream_rows, timeout_s, device
+        self.peer_ids = [link.peer_id for link in links]
         self.stats = SyncStats()
-        size = len(obs)
-        self.targets = {p.peer_id: np.zeros((size, num_actions), np.float32) for p in peers}
-        self.target_step = {p.peer_id: np.full(size, -1, np.int64) for p in peers}
-        self.position = np.zeros(size, np.int64)      # sample -> its row in the latest sync's stream
+        self.targets = {pid: np.zeros((batch_size, num_actions), np.float32) for pid in self.peer_ids}
+        self.target_step = {pid: np.full(batch_size, -1, np.int64) for pid in self.peer_ids}
+        self.position = np.zeros(batch_size, np.int64)      # sample -> its row in the latest sync's stream
         self.fetches: list[PeerFetch] = []
+        self.sync_point: SyncPoint | None = None
         self.live: dict[int, torch.Tensor] = {}       # exact mode: the peers' logits on this minibatch, as leaves
 
-    def begin(self, sync: SyncPoint, window: np.ndarray, perm: np.ndarray) -> None:
-        """Ask every peer for its logits on `window` at `sync`, streamed in the order the minibatches use it (each
-        waits only for its own rows); the previous sync's streams are closed first."""
-        self.finish()
-        order = perm if len(window) == len(self.obs) else window
+    def sync(self, iteration: int, sync_index: int, step: int, window: np.ndarray, perm: np.ndarray) -> None:
+        """Ask every peer for its logits on `window` at `step`, streamed in the order the minibatches use it (each
+        waits only for its own rows); the previous sync's streams are closed first. Detached mode first keeps my
+        weights of this step for peers that read them after I have stepped on."""
+        self._close_sync()
+        sync = self.sync_point = SyncPoint(self.state.id, iteration, sync_index, step)
+        if not self.exact:
+            with self.stats.blocked():
+                self.state.keep_snapshot(step, self.agent)
+        order = perm if len(window) == len(self.position) else window
         self.position[order] = np.arange(len(order))
 
         def store(pid: int, indices: np.ndarray, logits: np.ndarray) -> None:
             self.targets[pid][indices] = logits
-            self.target_step[pid][indices] = sync.step
+            self.target_step[pid][indices] = step
 
-        rows = IndexedRows(self.obs, order)
-        # Exact mode keeps the peers' logits on the whole window as one leaf and so waits for all of them:
-        # full-size messages, fewer round trips (the peer's core computes them meanwhile).
-        max_rows = None if self.exact else self.stream_rows
-        self.fetches = [PeerFetch(p.peer_id, order, self.num_actions, None if self.exact else store) for p in self.peers]
-        for peer, fetch in zip(self.peers, self.fetches):
-            self.pool.submit(fetch.run, functools.partial(peer.fetch_logits, max_rows=max_rows), sync, rows, self.exact)
+        # Exact mode keeps the peers' logits on the whole window as one leaf and so waits for all of them: one
+        # message, fewer round trips (the peer's core computes them meanwhile).
+        rows_per_chunk = None if self.exact else self.stream_rows
+        self.fetches = [PeerFetch(link.peer_id, order, self.num_actions, None if self.exact else store)
+                        for link in self.links]
+        for link, fetch in zip(self.links, self.fetches):
+            self.pool.submit(fetch.run, functools.partial(link.fetch_logits, rows_per_chunk=rows_per_chunk), sync,
+                             self.digest, order, self.exact)
 
     def logits(self, rows: np.ndarray, start: int) -> dict[int, torch.Tensor]:
-        """The peers' logits on `rows`, the micro-batch starting at `start` of the current minibatch."""
         with self.stats.blocked():
             if self.exact:   # the window is this minibatch: one leaf per peer, sliced per micro-batch
                 for fetch in self.fetches:
@@ -107,19 +125,33 @@ class PeerExchange:
                     fetch.wait(need, self.timeout_s)
         return {pid: torch.from_numpy(t[rows]).to(self.device) for pid, t in self.targets.items()}
 
-    def backward_done(self, sync: SyncPoint | None, mb: np.ndarray, step: int) -> None:
-        """The minibatch's backward pass is over: account staleness; exact mode sends each peer d(loss)/d(its
-        logits)."""
+    def before_step(self, mb: np.ndarray) -> None:
+        """Account staleness; exact mode sends each peer d(loss)/d(its logits), waits for every peer's gradient for
+        mine and backpropagates them here, in my training thread (in the server's thread my own update would wait
+        for it on my core while the peer, done first, idles)."""
         if not self.exact:
-            self.stats.staleness.extend(int(step - self.target_step[pid][mb].min()) for pid in self.targets)
+            self.stats.staleness.extend(int(self.state.step - self.target_step[pid][mb].min()) for pid in self.targets)
             return
+        sync = self.sync_point
         self.stats.staleness.extend(0 for _ in self.live)
         with self.stats.blocked():
-            futures = [self.pool.submit(p.send_grad, sync, self.live[p.peer_id].grad.cpu().numpy()) for p in self.peers]
+            futures = [self.pool.submit(link.send_grad, sync, self.live[link.peer_id].grad.cpu().numpy())
+                       for link in self.links]
             self.stats.bytes_sent += sum(f.result() for f in futures)
-        self.live = {}
+            self.live = {}
+            self.state.wait_for_peers(sync.step)
+        for kept in self.state.take_grads(sync.step):
+            grads = np.split(kept.grad, np.cumsum([len(k) for k in kept.logits])[:-1])
+            torch.autograd.backward(kept.logits,
+                                    [torch.from_numpy(np.ascontiguousarray(g)).to(self.device) for g in grads])
 
-    def finish(self) -> None:
+    def optimizer_step(self, step: Callable[[], None]) -> None:
+        _, waited = self.state.advance(step)
+        self.stats.seconds += waited          # a peer's chunk was being computed on these weights
+        if self.stats.first_step_seconds is None:
+            self.stats.first_step_seconds = self.stats.seconds
+
+    def _close_sync(self) -> None:
         """Account a sync whose rows have all been used (waiting out a stream that is still closing)."""
         if not self.fetches:
             return
@@ -131,3 +163,7 @@ class PeerExchange:
         self.stats.syncs += 1
         self.stats.latencies.append(max(f.latency for f in self.fetches))
         self.fetches = []
+
+    def finish(self) -> dict:
+        self._close_sync()
+        return self.stats.fields()

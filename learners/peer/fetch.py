@@ -1,7 +1,7 @@
 """A peer's logits streaming in while the learner computes: the overlap that keeps syncs off the critical path.
 
-At a sync point the learner asks every peer for its logits on a window of its states and goes on with its own
-forward pass; a pool thread drops each chunk of the reply stream into place as it arrives. The window is sent in
+At a sync point the learner asks every peer for its logits on a window of its rows and goes on with its own
+forward pass; a pool thread drops each chunk of the reply stream into place as it arrives. The window is asked for in
 the order the minibatches will consume it, so a (micro)batch waits only for its own rows, and only the time spent
 blocked counts as sync time. The math is unchanged: every target still comes from the peer at the sync step.
 """
@@ -15,22 +15,6 @@ from typing import Callable
 import numpy as np
 
 from learners.peer.sync import ProtocolError, SyncTimeout
-
-
-class IndexedRows:
-    """Rows `index` of `array`, gathered only when sliced: a permuted window streams chunk by chunk without a
-    copy of the whole batch (200 MB at the paper's shape). Has what PeerClient.fetch_logits reads."""
-
-    def __init__(self, array: np.ndarray, index: np.ndarray):
-        self.array, self.index = array, index
-        self.shape = (len(index), *array.shape[1:])
-        self.dtype = array.dtype
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        return self.array[self.index[rows]]
 
 
 class PeerFetch:
@@ -63,11 +47,12 @@ class PeerFetch:
             self.ready = stop
             self._cond.notify_all()
 
-    def run(self, fetch_logits: Callable, sync, obs, keep_graph: bool) -> None:
-        """Pool-thread body: `fetch_logits(sync, obs, keep_graph, on_chunk=...)` of a PeerLink."""
+    def run(self, fetch_logits: Callable, sync, frames_digest: str, rows: np.ndarray, keep_graph: bool) -> None:
+        """Pool-thread body: `fetch_logits(sync, frames_digest, rows, keep_graph, on_chunk=...)` of a PeerLink."""
         t0 = time.perf_counter()
         try:
-            logits, self.sent, self.received = fetch_logits(sync, obs, keep_graph, on_chunk=self._on_chunk)
+            logits, self.sent, self.received = fetch_logits(sync, frames_digest, rows, keep_graph,
+                                                            on_chunk=self._on_chunk)
             if self.ready != len(self.logits) or len(logits) != len(self.logits):
                 raise ProtocolError(f"peer {self.peer_id} returned {len(logits)} rows of logits, expected "
                                      f"{len(self.logits)}")

@@ -1,5 +1,6 @@
 """The wire format of the peer exchange (protos/distill.proto): tensors as NDArray {dtype, shape, bytes}, sync
-points, and message sizes. Streams keep every message under MAX_MESSAGE_BYTES."""
+points, and message sizes. Only logits, their gradients and row indices travel; streams keep every message under
+MAX_MESSAGE_BYTES."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from protos import distill_pb2 as pb
 
 CHUNK_BYTES = 2 << 20                 # payload per streamed message
 MAX_MESSAGE_BYTES = 8 << 20           # accepted per message (payload + headers), on both sides
-SERVICE_NAME = "mdpo.v1.Distill"
-ALLOWED_DTYPES = {"uint8", "float32", "float64", "int64"}
+SERVICE_NAME = "mdpo.v2.Distill"
+ALLOWED_DTYPES = {"float32", "int32"}     # logits and their gradients; row indices
 
 
 def to_ndarray(array: np.ndarray) -> pb.NDArray:
