@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
 from learners.bench.synthetic import synthetic_rollout  # noqa: F401  (the tests' batches, as the bench's)
 from learners.config import TrainConfig
-from learners.records import Batch
+from learners.records import Batch, batch_frames
 from learners.reference import mdpo_update
 from learners.learner import Learner
 from learners.peer.client import PeerClient
@@ -39,15 +40,15 @@ def system_tool(name: str, package: str) -> str:
     return path
 
 
-class _AsPeer(grpc.StreamStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
+class _AsPeer(grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
     def __init__(self, metadata: list[tuple[str, str]]):
         self.metadata = metadata
 
     def _with(self, details):
         return details._replace(metadata=[*(details.metadata or []), *self.metadata])
 
-    def intercept_stream_stream(self, continuation, details, requests):
-        return continuation(self._with(details), requests)
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with(details), request)
 
     def intercept_stream_unary(self, continuation, details, requests):
         return continuation(self._with(details), requests)
@@ -85,6 +86,21 @@ class LearnerPair:
                 c.wait_ready(10)
             endpoint.connect(peers)
             self.clients.extend(peers)
+
+    def client(self, asker: int = 0, peer: int = 1):
+        """Learner `asker`'s link to learner `peer`."""
+        return next(link for link in self.endpoints[asker].links if link.peer_id == peer)
+
+    def give_frames(self, asker: int = 0, iteration: int = 0, seed: int = 0) -> tuple[np.ndarray, str]:
+        """A synthetic batch of learner `asker`'s, held by all its peers as iteration `iteration`'s: what a logits
+        request names rows of. Returns (its frames, their digest)."""
+        learner = self.learners[asker]
+        rollout = synthetic_rollout(asker, learner.obs_shape, learner.obs_dtype, learner.num_actions,
+                                    self.cfg.num_steps, self.cfg.num_envs, seed=seed)
+        for endpoint in self.endpoints:
+            if asker in endpoint.peer_ids:
+                endpoint.hold_frames(asker, iteration, [rollout])
+        return batch_frames([rollout])
 
     def hold_frames(self, rollouts, iteration: int) -> None:
         """What the coordinator does beside each update: every learner gets its peers' rollouts of the iteration."""

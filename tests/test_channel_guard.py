@@ -16,7 +16,7 @@ from learners.peer.sync import SyncPoint
 from protos import distill_pb2_grpc as pb_grpc
 from tests.helpers import LearnerPair, peer_channel
 
-OBS = np.zeros((3, 4), np.float32)
+ROWS = np.array([2, 0, 5])
 
 
 def cfg() -> TrainConfig:
@@ -25,7 +25,7 @@ def cfg() -> TrainConfig:
 
 
 class IdleStreams:
-    """Streams that open and never send a message (what a port scanner or a stuck client leaves)."""
+    """Gradient streams that open and never send a message (what a port scanner or a stuck client leaves)."""
 
     def __init__(self, channel: grpc.Channel, n: int):
         self.release = threading.Event()
@@ -38,14 +38,13 @@ class IdleStreams:
 
         stub = pb_grpc.DistillStub(channel)
         for _ in range(n):
-            call = stub.PeerLogits(silent(), timeout=60)
-            self.calls.append(call)
+            self.calls.append(stub.PeerGrad.future(silent(), timeout=60))
 
     def codes(self, timeout: float = 20) -> list:
         out = []
         for call in self.calls:
             try:
-                list(call)
+                call.result(timeout)
                 out.append(grpc.StatusCode.OK)
             except grpc.RpcError as err:
                 out.append(err.code())
@@ -55,6 +54,12 @@ class IdleStreams:
         self.release.set()
         for call in self.calls:
             call.cancel()
+
+
+def ask(pair) -> tuple:
+    """Learner 0's logits request to learner 1, for rows ROWS of a batch learner 1 holds."""
+    _, digest = pair.give_frames(0)
+    return pair.client(0, 1).fetch_logits(SyncPoint(0, 0, 0, 0), digest, ROWS, keep_graph=False)
 
 
 @pytest.fixture
@@ -69,7 +74,7 @@ def test_a_flood_of_idle_strangers_does_not_delay_the_peer(pair):
     flood = IdleStreams(channel, 32)
     try:
         t0 = time.perf_counter()
-        logits, _, _ = pair.learners[0].peers[0].fetch_logits(SyncPoint(0, 0, 0, 0), OBS, keep_graph=False)
+        logits, _, _ = ask(pair)
         assert logits.shape == (3, 2) and time.perf_counter() - t0 < 5
         assert set(flood.codes()) == {grpc.StatusCode.PERMISSION_DENIED}     # turned away, not left waiting
         assert pair.servers[1].guard.refused["not a peer"] >= 32
@@ -88,7 +93,7 @@ def test_a_silent_stream_from_a_peer_is_cancelled_after_the_first_message_deadli
         assert set(flood.codes()) == {grpc.StatusCode.CANCELLED}
         assert time.perf_counter() - t0 < 5
         flood.close()
-        logits, _, _ = p.learners[0].peers[0].fetch_logits(SyncPoint(0, 0, 0, 0), OBS, keep_graph=False)
+        logits, _, _ = ask(p)
         assert logits.shape == (3, 2)
     finally:
         channel.close()
@@ -101,7 +106,7 @@ def test_one_peer_gets_a_bounded_share_of_the_server(pair):
     try:
         time.sleep(0.5)                                   # the held streams are in their handlers
         with pytest.raises(grpc.RpcError) as err:
-            pair.learners[0].peers[0].fetch_logits(SyncPoint(0, 0, 0, 0), OBS, keep_graph=False)
+            ask(pair)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert pair.servers[1].guard.refused["over the per-peer limit"] == 1
     finally:
@@ -110,7 +115,7 @@ def test_one_peer_gets_a_bounded_share_of_the_server(pair):
     deadline = time.time() + 10
     while pair.servers[1].guard.in_flight[0] and time.time() < deadline:   # the held calls end and free their slots
         time.sleep(0.05)
-    logits, _, _ = pair.learners[0].peers[0].fetch_logits(SyncPoint(0, 0, 0, 0), OBS, keep_graph=False)
+    logits, _, _ = ask(pair)
     assert logits.shape == (3, 2)
 
 

@@ -10,7 +10,8 @@ from learners.peer.security import ChannelSecurity
 from learners.peer.sync import SyncPoint
 from tests.helpers import LearnerPair, make_certificates
 
-OBS = np.zeros((3, 4), np.float32)
+ROWS = np.array([2, 0, 5])
+DIGEST = {}     # port -> the digest of the batch of learner 0 that the server there holds
 
 
 def cfg(**kw):
@@ -35,7 +36,7 @@ def security(certs, mtls=False, token=None):
 def fetch(port, sec):
     client = PeerClient(1, 0, f"127.0.0.1:{port}", 5, sec)
     try:
-        return client.fetch_logits(SyncPoint(0, 0, 0, 0), OBS, keep_graph=False)[0]
+        return client.fetch_logits(SyncPoint(0, 0, 0, 0), DIGEST.get(port, ""), ROWS, keep_graph=False)[0]
     finally:
         client.close()
 
@@ -45,6 +46,7 @@ def test_tls_pair_trains_and_wrong_or_missing_credentials_are_rejected(certs, ot
     sec = security(certs, mtls=mtls, token="s3cret")
     pair = LearnerPair(cfg(), (4,), "float32", 2, security=sec)
     port = pair.ports[1]
+    DIGEST[port] = pair.give_frames(0)[1]
     try:
         assert fetch(port, sec).shape == (3, 2)
         # plaintext client against a TLS server
@@ -66,7 +68,7 @@ def test_tls_pair_trains_and_wrong_or_missing_credentials_are_rejected(certs, ot
             from protos import distill_pb2_grpc as pb_grpc
             client.stub = pb_grpc.DistillStub(client.channel)
             with pytest.raises(grpc.RpcError) as err:
-                client.fetch_logits(SyncPoint(0, 0, 0, 0), OBS, keep_graph=False)
+                client.fetch_logits(SyncPoint(0, 0, 0, 0), DIGEST[port], ROWS, keep_graph=False)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             client.close()
         assert fetch(port, sec).shape == (3, 2)        # still serving
@@ -77,6 +79,7 @@ def test_tls_pair_trains_and_wrong_or_missing_credentials_are_rejected(certs, ot
 def test_token_on_plaintext_loopback():
     sec = ChannelSecurity(token="tok")
     pair = LearnerPair(cfg(), (4,), "float32", 2, security=sec)
+    DIGEST[pair.ports[1]] = pair.give_frames(0)[1]
     try:
         assert fetch(pair.ports[1], sec).shape == (3, 2)
         for wrong in (ChannelSecurity(), ChannelSecurity(token="tok2")):

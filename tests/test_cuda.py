@@ -18,7 +18,7 @@ from learners.inference import InferenceServer
 from learners.learner import Learner
 from learners.model import make_agent
 from learners.schedule import IterationPlan
-from tests.helpers import LearnerPair, assert_same_parameters, synthetic_rollout
+from tests.helpers import LearnerPair, assert_same_parameters, reference_update, synthetic_rollout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check runs these on one)")
 FRAMES = ((64, 64, 3), "uint8", 15)
@@ -61,8 +61,6 @@ def test_a_cuda_update_equals_the_cpu_update(precision):
 
 
 def test_exact_mode_on_cuda_matches_the_joint_single_process_update():
-    from tests.test_exact_mode import reference_update
-
     cfg = TrainConfig(env_id="CartPole-v1", alpha=1.0, distill_mode="exact", sync="minibatch", num_envs=4,
                       num_steps=16, num_minibatches=2, update_epochs=2, learning_rate=1e-2, rpc_timeout_s=30,
                       sync_timeout_s=30)
@@ -72,8 +70,9 @@ def test_exact_mode_on_cuda_matches_the_joint_single_process_update():
     pair = LearnerPair(cfg, (4,), "float32", 2, device="cuda")
     try:
         reference = [copy.deepcopy(l.agent).cpu() for l in pair.learners]
+        optimizers = [torch.optim.Adam(r.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps) for r in reference]
         stats = pair.update_all(rollouts, plan)
-        reference_update(reference, rollouts, cfg, plan)        # on the CPU
+        reference_update(reference, optimizers, rollouts, cfg, plan)        # on the CPU
         for learner, ref in zip(pair.learners, reference):
             assert next(learner.agent.parameters()).is_cuda
             assert_same_parameters(learner.agent.cpu(), ref, rtol=1e-3, atol=1e-4)

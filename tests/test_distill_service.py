@@ -7,12 +7,13 @@ import torch
 
 from learners.config import TrainConfig
 from learners.peer.client import PeerClient
-from learners.peer.wire import MAX_MESSAGE_BYTES, to_ndarray
+from learners.peer.wire import to_ndarray
 from learners.peer.sync import SyncPoint
 from learners.schedule import IterationPlan
 from protos import distill_pb2 as pb
 from protos import distill_pb2_grpc as pb_grpc
-from tests.helpers import peer_channel, LearnerPair, synthetic_rollout
+from tests.helpers import (LearnerPair, assert_same_parameters, peer_channel, reference_of, reference_update,
+                           synthetic_rollout)
 
 IMAGE = ((64, 64, 3), "uint8", 15)
 
@@ -26,79 +27,87 @@ def image_pair():
     pair.close()
 
 
-def test_logits_over_grpc_equal_local_forward_even_beyond_message_limit(image_pair):
+def test_logits_over_grpc_equal_local_forward_on_the_held_frames_and_only_rows_and_logits_travel(image_pair):
     server = image_pair.learners[1]
-    client = image_pair.learners[0].peers[0]
-    obs = np.random.default_rng(0).integers(0, 256, (800, 64, 64, 3), dtype=np.uint8)
-    assert obs.nbytes > MAX_MESSAGE_BYTES           # must be chunked to get through
-    logits, sent, received = client.fetch_logits(SyncPoint(0, 0, 0, 0), obs, keep_graph=False)
+    client = image_pair.client(0, 1)
+    obs, digest = image_pair.give_frames(0)                   # 1024 frames of learner 0's, held by learner 1
+    rows = np.random.default_rng(0).permutation(len(obs))[:800]
+    chunks = []
+    logits, sent, received = client.fetch_logits(SyncPoint(0, 0, 0, 0), digest, rows, keep_graph=False,
+                                                 on_chunk=chunks.append, rows_per_chunk=96)
     with torch.no_grad():
-        expected = server.agent.logits(torch.from_numpy(obs)).numpy()
+        expected = server.agent.logits(torch.from_numpy(obs[rows])).numpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
-    assert sent > obs.nbytes and received > logits.nbytes
+    assert [len(c) for c in chunks] == [96] * 8 + [32]        # streamed in the chunks asked for
+    assert 4 * len(rows) < sent < 4 * len(rows) + 512         # the request: int32 rows and a sync point, no frames
+    assert logits.nbytes < received < logits.nbytes + 64 * len(chunks)
 
 
-def _call(pair, msgs):
+def _call(pair, request):
     channel = peer_channel(f"127.0.0.1:{pair.ports[1]}")
     try:
-        return list(pb_grpc.DistillStub(channel).PeerLogits(iter(msgs), timeout=10))
+        return list(pb_grpc.DistillStub(channel).PeerLogits(request, timeout=10))
     finally:
         channel.close()
 
 
-def _chunk(obs, peer_id=0, step=0, index=0):
-    return pb.ObsChunk(sync=pb.SyncPoint(peer_id=peer_id, step=step), chunk_index=index, num_chunks=1,
-                       obs=to_ndarray(obs))
+FRAMES = {}      # the digest of the batch of learner 0's that learner 1 holds in the test at hand
 
 
-GOOD = np.zeros((2, 64, 64, 3), np.uint8)
+def _request(rows=np.arange(2, dtype=np.int32), peer_id=0, step=0, iteration=0, digest=None):
+    return pb.LogitsRequest(sync=pb.SyncPoint(peer_id=peer_id, iteration=iteration, step=step),
+                            frames_digest=FRAMES["digest"] if digest is None else digest,
+                            rows=rows if isinstance(rows, pb.NDArray) else to_ndarray(rows))
 
 
-@pytest.mark.parametrize("msg,code", [
-    (_chunk(GOOD.astype(np.float32)), grpc.StatusCode.INVALID_ARGUMENT),               # wrong dtype
-    (_chunk(np.zeros((2, 32, 32, 3), np.uint8)), grpc.StatusCode.INVALID_ARGUMENT),     # wrong shape
-    (pb.ObsChunk(sync=pb.SyncPoint(peer_id=0), obs=pb.NDArray(dtype="uint8", shape=[5, 64, 64, 3], data=b"xx")),
-     grpc.StatusCode.INVALID_ARGUMENT),                                                  # bytes do not fit shape
-    (pb.ObsChunk(sync=pb.SyncPoint(peer_id=0), obs=pb.NDArray(dtype="object", shape=[1], data=b"x")),
-     grpc.StatusCode.INVALID_ARGUMENT),                                                  # dtype not allowed
-    (_chunk(GOOD, peer_id=7), grpc.StatusCode.FAILED_PRECONDITION),                     # unknown peer
-    (_chunk(GOOD, peer_id=1), grpc.StatusCode.FAILED_PRECONDITION),                     # itself
-    (_chunk(GOOD, step=5), grpc.StatusCode.FAILED_PRECONDITION),                        # step not in iteration 0
-    (pb.ObsChunk(sync=pb.SyncPoint(peer_id=0, iteration=40, step=80), obs=to_ndarray(GOOD)),
-     grpc.StatusCode.FAILED_PRECONDITION),                                               # unknown weight version
-    (_chunk(np.zeros((700, 64, 64, 3), np.uint8)), grpc.StatusCode.RESOURCE_EXHAUSTED), # message > gRPC's limit
-    (_chunk(GOOD, index=3), grpc.StatusCode.INVALID_ARGUMENT),                          # chunk out of order
+@pytest.mark.parametrize("request_of,code", [
+    (lambda: _request(np.arange(2, dtype=np.float32)), grpc.StatusCode.INVALID_ARGUMENT),   # rows not integers
+    (lambda: _request(np.zeros((2, 2), np.int32)), grpc.StatusCode.INVALID_ARGUMENT),      # rows not 1-D
+    (lambda: _request(pb.NDArray(dtype="int32", shape=[5], data=b"xx")),
+     grpc.StatusCode.INVALID_ARGUMENT),                                                     # bytes do not fit shape
+    (lambda: _request(pb.NDArray(dtype="object", shape=[1], data=b"x")),
+     grpc.StatusCode.INVALID_ARGUMENT),                                                     # dtype not allowed
+    (lambda: _request(np.array([0, 1024], np.int32)), grpc.StatusCode.INVALID_ARGUMENT),   # row beyond the batch
+    (lambda: _request(np.array([-1], np.int32)), grpc.StatusCode.INVALID_ARGUMENT),        # negative row
+    (lambda: _request(peer_id=7), grpc.StatusCode.FAILED_PRECONDITION),                    # unknown peer
+    (lambda: _request(peer_id=1), grpc.StatusCode.FAILED_PRECONDITION),                    # itself
+    (lambda: _request(step=5), grpc.StatusCode.FAILED_PRECONDITION),                       # step not in iteration 0
+    (lambda: _request(iteration=40, step=80), grpc.StatusCode.FAILED_PRECONDITION),        # unknown weight version
+    (lambda: _request(digest="0" * 32), grpc.StatusCode.FAILED_PRECONDITION),              # other frames (re-collected)
+    (lambda: _request(iteration=1, step=1), grpc.StatusCode.FAILED_PRECONDITION),          # frames never handed over
+    (lambda: _request(np.zeros(3_000_000, np.int32)), grpc.StatusCode.RESOURCE_EXHAUSTED), # message > gRPC's limit
 ])
-def test_malformed_requests_are_rejected_and_the_server_stays_up(image_pair, msg, code):
+def test_malformed_requests_are_rejected_and_the_server_stays_up(image_pair, request_of, code):
+    FRAMES["digest"] = image_pair.give_frames(0)[1]
     with pytest.raises(grpc.RpcError) as err:
-        _call(image_pair, [msg])
+        _call(image_pair, request_of())
     assert err.value.code() == code, err.value.details()
-    assert len(_call(image_pair, [_chunk(GOOD)])) == 1      # still serving
+    assert len(_call(image_pair, _request())) == 1      # still serving
 
 
-def test_stream_larger_than_one_batch_is_rejected(image_pair):
-    chunks = [_chunk(np.zeros((128, 64, 64, 3), np.uint8), index=i) for i in range(9)]   # 1152 > 1024 states
+def test_a_request_for_more_than_one_batch_is_rejected(image_pair):
+    FRAMES["digest"] = image_pair.give_frames(0)[1]
     with pytest.raises(grpc.RpcError) as err:
-        _call(image_pair, chunks)
+        _call(image_pair, _request(np.zeros(1152, np.int32)))    # 1152 > 1024 states
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "oversized" in err.value.details()
 
 
 def test_gradient_without_kept_logits_is_rejected(image_pair):
-    client = image_pair.learners[0].peers[0]
+    client = image_pair.client(0, 1)
     with pytest.raises(grpc.RpcError) as err:
         client.send_grad(SyncPoint(0, 0, 0, 0), np.zeros((2, 15), np.float32))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_gradient_of_the_wrong_shape_is_a_protocol_error_and_invalid_argument(image_pair):
-    """A peer that returns a gradient for more rows than it was sent broke the contract: ProtocolError locally,
+    """A peer that returns a gradient for more rows than it asked for broke the contract: ProtocolError locally,
     INVALID_ARGUMENT on the wire (never divergence, never 'peer gone')."""
     from learners.peer.sync import ProtocolError
 
-    client, server = image_pair.learners[0].peers[0], image_pair.learners[1]
-    obs = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    client, server = image_pair.client(0, 1), image_pair.endpoints[1]
+    _, digest = image_pair.give_frames(0)
     sync = SyncPoint(0, 0, 0, 0)
-    client.fetch_logits(sync, obs, keep_graph=True)              # the server keeps 4 rows' logits for me
+    client.fetch_logits(sync, digest, np.arange(4), keep_graph=True)      # the server keeps 4 rows' logits for me
     with pytest.raises(ProtocolError, match="shape"):
         server.apply_peer_grad(sync, np.zeros((5, 15), np.float32))
     with pytest.raises(grpc.RpcError) as err:
@@ -124,16 +133,23 @@ def test_detached_schedules_sync_counts_and_staleness(sync, expected_syncs, expe
         pair.close()
 
 
-def test_three_learners_each_distill_toward_every_peer():
+@pytest.mark.parametrize("mode", ["detached", "exact"])
+def test_three_learners_each_distill_toward_every_peer(mode):
     cfg = TrainConfig(env_id="CartPole-v1", num_learners=3, num_envs=4, num_steps=8, num_minibatches=2,
-                      update_epochs=1, rpc_timeout_s=30, sync_timeout_s=30)
-    plan = IterationPlan(0, 3, cfg.batch_size, 2, 1, "minibatch", True, 1e-3)
+                      update_epochs=1, distill_mode=mode, learning_rate=1e-2, rpc_timeout_s=30, sync_timeout_s=30)
+    plan = IterationPlan(0, 3, cfg.batch_size, 2, 1, "minibatch", True, cfg.learning_rate)
+    rollouts = [synthetic_rollout(i, (4,), "float32", 2, 8, 4, i) for i in range(3)]
     pair = LearnerPair(cfg, (4,), "float32", 2)
     try:
-        stats = pair.update_all([synthetic_rollout(i, (4,), "float32", 2, 8, 4, i) for i in range(3)], plan)
+        reference, optimizers = reference_of(pair)
+        stats = pair.update_all(rollouts, plan)
         assert [s.syncs for s in stats] == [2, 2, 2]
-        assert all(len(l.peers) == 2 for l in pair.learners)
+        assert all(len(e.links) == 2 for e in pair.endpoints)
         assert all(s.step == 2 for s in stats)
+        expected = reference_update(reference, optimizers, rollouts, cfg, plan)    # each toward the mean KL of two
+        for learner, ref, s, e in zip(pair.learners, reference, stats, expected):
+            assert_same_parameters(learner.agent, ref)
+            assert s.kl_peer == pytest.approx(e["kl_peer"], rel=1e-4) and s.kl_peer > 0
     finally:
         pair.close()
 

@@ -41,12 +41,12 @@ def test_a_real_grpc_failure_becomes_a_peer_call_error_with_its_code():
                       rpc_timeout_s=5, sync_timeout_s=1)
     pair = LearnerPair(cfg, (4,), "float32", 2)
     try:
-        client = pair.learners[0].peers[0]
+        client, (_, digest) = pair.client(0, 1), pair.give_frames(0)
         with pytest.raises(PeerCallError) as refused:           # step 50 is not in iteration 0
-            client.fetch_logits(SyncPoint(0, 0, 0, 50), np.zeros((2, 4), np.float32), keep_graph=False)
+            client.fetch_logits(SyncPoint(0, 0, 0, 50), digest, np.arange(2), keep_graph=False)
         pair.servers[1].stop(None).wait(5)
         with pytest.raises(PeerCallError) as gone:
-            client.fetch_logits(SyncPoint(0, 0, 0, 0), np.zeros((2, 4), np.float32), keep_graph=False)
+            client.fetch_logits(SyncPoint(0, 0, 0, 0), digest, np.arange(2), keep_graph=False)
     finally:
         pair.close()
     assert refused.value.code_name == "FAILED_PRECONDITION" and refused.value.peer_id == 1

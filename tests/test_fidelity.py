@@ -175,7 +175,6 @@ def test_paper_encoder_init_is_pytorch_default_and_heads_orthogonal():
         w = head.weight.detach()
         torch.testing.assert_close(w @ w.T, gain ** 2 * torch.eye(w.shape[0]), rtol=0, atol=1e-6)
         assert torch.count_nonzero(head.bias) == 0
-    learner.close()
 
 
 def test_paper_preset_exact_update_equals_the_authors_joint_update():
@@ -196,24 +195,48 @@ def test_paper_preset_exact_update_equals_the_authors_joint_update():
         pair.close()
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+def test_the_packages_single_process_reference_equals_the_authors_update(alpha):
+    """learners/reference.py, which the in-process backend trains with and the distributed learners are tested
+    against, is itself the authors' joint MDPO update; with alpha 0 it is each agent's own Learner update, which the
+    next test holds to the authors' PPO baseline (compared on other batches, Adam's eps turns their advantage
+    epsilon, 1e-12 against 1e-8, into differences near 1e-4 in a few weights)."""
+    from learners.records import Batch
+    from learners.reference import mdpo_update
+
+    cfg = paper_learner_config(alpha=alpha)
+    plan = paper_plan(cfg)
+    rollouts = [synthetic_rollout(i, *IMPALA, cfg.num_steps, cfg.num_envs, seed=20 + i) for i in range(2)]
+    learners = [Learner(cfg, i, *IMPALA) for i in range(2)]
+    if alpha:
+        expected = [authors_agent_like(l) for l in learners]
+        authors_mdpo_update(expected, rollouts, cfg, plan)
+    else:
+        alone = [Learner(cfg, i, *IMPALA) for i in range(2)]
+        for learner, rollout in zip(alone, rollouts):
+            learner.update([rollout], plan)
+        expected = [learner.agent for learner in alone]
+    mdpo_update([l.agent for l in learners], [l.optimizer for l in learners],
+                [Batch.from_rollouts([r], cfg.gamma, cfg.gae_lambda) for r in rollouts], cfg, plan)
+    for learner, ref in zip(learners, expected):
+        assert_same_parameters(learner.agent, ref)
+
+
 def test_alpha_zero_update_equals_the_authors_ppo_baseline():
     cfg = paper_learner_config(alpha=0.0)
     plan = paper_plan(cfg)
     rollout = synthetic_rollout(0, *IMPALA, cfg.num_steps, cfg.num_envs, seed=5)
     learner = Learner(cfg, 0, *IMPALA)
-    try:
-        assert learner.loss_scale == 1.0
-        reference, halved = authors_agent_like(learner), authors_agent_like(learner)
-        stats = learner.update([rollout], plan)
-        assert stats.grad_norm > cfg.max_grad_norm and stats.syncs == 0
-        authors_ppo_update(reference, rollout, cfg, plan)
-        assert_same_parameters(learner.agent, reference)
-        # The test can fail: the old scaling (loss halved before the clip) ends elsewhere. (Adam is blind to a
-        # constant gradient scale: only the clip, met by some steps and not others, makes the halving matter.)
-        authors_ppo_update(halved, rollout, cfg, plan, loss_scale=0.5)
-        assert max((a - b).abs().max().item() for a, b in zip(reference.parameters(), halved.parameters())) > 1e-4
-    finally:
-        learner.close()
+    assert learner.loss_scale == 1.0
+    reference, halved = authors_agent_like(learner), authors_agent_like(learner)
+    stats = learner.update([rollout], plan)
+    assert stats.grad_norm > cfg.max_grad_norm and stats.syncs == 0
+    authors_ppo_update(reference, rollout, cfg, plan)
+    assert_same_parameters(learner.agent, reference)
+    # The test can fail: the old scaling (loss halved before the clip) ends elsewhere. (Adam is blind to a
+    # constant gradient scale: only the clip, met by some steps and not others, makes the halving matter.)
+    authors_ppo_update(halved, rollout, cfg, plan, loss_scale=0.5)
+    assert max((a - b).abs().max().item() for a, b in zip(reference.parameters(), halved.parameters())) > 1e-4
 
 
 # --- reward normalization: gym 0.23.1's arithmetic ---------------------------------------------------------

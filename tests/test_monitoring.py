@@ -26,6 +26,7 @@ from prometheus_client import generate_latest
 
 from learners.config import ConfigError, TrainConfig
 from learners.peer.client import PeerClient
+from learners.peer.endpoint import PeerEndpoint
 from learners.peer.service import serve
 from learners.learner import Learner
 from learners.peer.sync import SyncPoint
@@ -33,7 +34,7 @@ from learners.telemetry.coordinator import CoordinatorTelemetry, RunProgress
 from learners.telemetry.actor import ActorTelemetry, EvaluatorTelemetry
 from learners.telemetry.learner import LearnerTelemetry
 from learners.telemetry.metrics import metrics_port, ports_needed
-from tests.helpers import free_port, system_tool
+from tests.helpers import free_port, synthetic_rollout, system_tool
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -384,7 +385,7 @@ def test_probe_gauges_take_every_pair_of_more_than_two_agents_and_envs_without_r
 def test_grpc_calls_are_counted_by_status_code_on_both_ends():
     cfg = TrainConfig(env_id="CartPole-v1", num_envs=4, num_steps=8, num_minibatches=2, update_epochs=1,
                       metrics_port=-1, run_id="grpc", rpc_timeout_s=10, sync_timeout_s=2)
-    a, b = (Learner(cfg, i, (4,), "float32", 2) for i in range(2))
+    b = PeerEndpoint(Learner(cfg, 1, (4,), "float32", 2))
     server_tel, client_tel = LearnerTelemetry(cfg, 1), LearnerTelemetry(cfg, 0)
     server, port = serve(b, "127.0.0.1", 0, interceptors=(server_tel.grpc_server_interceptor(),))
     client = PeerClient(1, 0, f"127.0.0.1:{port}", 10, interceptors=client_tel.grpc_client_interceptors())
@@ -392,20 +393,22 @@ def test_grpc_calls_are_counted_by_status_code_on_both_ends():
     try:
         client.wait_ready(10)
         b.connect([PeerClient(0, 1, "127.0.0.1:1", 10)])     # b accepts syncs from peer 0 (never calls it)
-        obs = np.zeros((6, 4), np.float32)
-        logits, _, _ = client.fetch_logits(SyncPoint(0, 0, 0, 0), obs, keep_graph=False)
+        rollout = synthetic_rollout(0, (4,), "float32", 2, 8, 4, seed=0)
+        b.hold_frames(0, 0, [rollout])                        # peer 0's batch of iteration 0
+        rows = np.arange(6)
+        logits, _, _ = client.fetch_logits(SyncPoint(0, 0, 0, 0), rollout.digest, rows, keep_graph=False)
         assert logits.shape == (6, 2)
         with pytest.raises(grpc.RpcError) as refused:
-            client.fetch_logits(SyncPoint(7, 0, 0, 0), obs, keep_graph=False)   # unknown peer id
+            client.fetch_logits(SyncPoint(7, 0, 0, 0), rollout.digest, rows, keep_graph=False)   # unknown peer id
         code = refused.value.code().name
         assert code == "FAILED_PRECONDITION"
         server.stop(None).wait(5)
         with pytest.raises(grpc.RpcError) as unreachable:
-            dead.fetch_logits(SyncPoint(0, 0, 0, 0), obs, keep_graph=False)
+            dead.fetch_logits(SyncPoint(0, 0, 0, 0), rollout.digest, rows, keep_graph=False)
         assert unreachable.value.code() == grpc.StatusCode.UNAVAILABLE
 
         def count(tel, metric, method, code):
-            return tel.registry.get_sample_value(metric, {**tel.labels, "grpc_service": "mdpo.v1.Distill",
+            return tel.registry.get_sample_value(metric, {**tel.labels, "grpc_service": "mdpo.v2.Distill",
                                                             "grpc_method": method, "grpc_code": code})
 
         assert count(server_tel, "mdpo_grpc_server_handled_total", "PeerLogits", "OK") == 1
@@ -413,7 +416,7 @@ def test_grpc_calls_are_counted_by_status_code_on_both_ends():
         assert server_tel.registry.get_sample_value("mdpo_grpc_server_handled_total", {
             **server_tel.labels, "grpc_service": "grpc.health.v1.Health", "grpc_method": "Check", "grpc_code": "OK"}) == 1
         assert server_tel.registry.get_sample_value("mdpo_grpc_server_handling_seconds_count", {
-            **server_tel.labels, "grpc_service": "mdpo.v1.Distill", "grpc_method": "PeerLogits"}) == 2
+            **server_tel.labels, "grpc_service": "mdpo.v2.Distill", "grpc_method": "PeerLogits"}) == 2
         assert count(client_tel, "mdpo_grpc_client_handled_total", "PeerLogits", "OK") == 1
         assert count(client_tel, "mdpo_grpc_client_handled_total", "PeerLogits", "FAILED_PRECONDITION") == 1
         assert count(client_tel, "mdpo_grpc_client_handled_total", "PeerLogits", "UNAVAILABLE") == 1
@@ -421,8 +424,7 @@ def test_grpc_calls_are_counted_by_status_code_on_both_ends():
         for c in (client, dead):
             c.close()
         server.stop(None)
-        for learner in (a, b):
-            learner.close()
+        b.close()
 
 
 # ------------------------------------------------------------------------- Ray actors (slow)

@@ -1,9 +1,9 @@
 """Who may use a learner's gRPC server, and how much of it.
 
-The server's threads are few, and a stream that never sends holds one. So, before any work: a Distill call must
-name a configured peer of this learner (metadata `x-mdpo-peer-id`; with a token set, the token check runs first),
-each peer has at most CALLS_PER_PEER calls in flight, and a stream whose first message does not arrive within
-FIRST_MESSAGE_S is cancelled. Health checks (unary, cheap) stay open to all, for orchestrators' probes.
+The server's threads are few, a logits request holds one while its reply streams, and a gradient's request stream
+that never sends holds one. So, before any work: a Distill call must name a configured peer of this learner
+(metadata `x-mdpo-peer-id`; with a token set, the token check runs first), each peer has at most CALLS_PER_PEER calls
+in flight, and a request stream whose first message does not arrive within FIRST_MESSAGE_S is cancelled. Health checks (unary, cheap) stay open to all, for orchestrators' probes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 import grpc
 
 PEER_ID_KEY = "x-mdpo-peer-id"
-# A peer has one logits stream in flight per sync, plus its gradient (exact mode) and a call closing meanwhile.
+# A peer has one logits request in flight per sync, plus its gradient (exact mode) and a call closing meanwhile.
 CALLS_PER_PEER = 4
 # A peer sends its first chunk as soon as the stream opens; a stream silent this long is a stranger or a dead peer.
 FIRST_MESSAGE_S = 10.0
@@ -117,5 +117,15 @@ class CallGuard(grpc.ServerInterceptor):
                 finally:
                     leave()
             return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
+                                                        handler.response_serializer)
+        if handler.response_streaming:     # a logits request: one message in, the logits streamed back
+            def unary_stream(request, context):
+                if not enter(context):
+                    context.abort(*busy)
+                try:
+                    yield from handler.unary_stream(request, context)
+                finally:
+                    leave()
+            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
                                                         handler.response_serializer)
         return handler      # unary calls hold a thread only while they compute

@@ -17,7 +17,7 @@ Record = Callable[[str, str, grpc.StatusCode, float], None]   # (service, method
 
 
 def split_method(full_method: str) -> tuple[str, str]:
-    """'/mdpo.v1.Distill/PeerLogits' -> ('mdpo.v1.Distill', 'PeerLogits')."""
+    """'/mdpo.v2.Distill/PeerLogits' -> ('mdpo.v2.Distill', 'PeerLogits')."""
     service, _, method = full_method.lstrip("/").rpartition("/")
     return service or "unknown", method or "unknown"
 
