@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("actors", "learners", "protos")
 # The learner math and its process: what a researcher changes. It must not reach into the driver-side roles.
 LEARNER_MATH = ("learners.ppo", "learners.model", "learners.learner", "learners.records", "learners.schedule",
-                "learners.peer")
+                "learners.reference", "learners.errors", "learners.peer")
 DRIVER_SIDE = ("learners.coordinator", "learners.study", "learners.bench", "learners.cli")
 # Actors import only config, the data types, the model and telemetry (and their own modules).
 ACTOR_MAY_IMPORT = ("actors", "learners.config", "learners.records", "learners.model", "learners.telemetry")
@@ -85,7 +85,7 @@ def test_the_checks_can_fail():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     modules = project_modules()
     assert {"learners.learner", "learners.peer.fetch", "learners.coordinator.loop", "actors.rollout"} <= set(modules)
-    assert "learners.peer.sync" in graph()["learners.learner"]
+    assert "learners.peer.sync" in graph()["learners.peer.exchange"]
     assert "learners.tracking" in graph()["learners.coordinator.outputs"]     # a package's __init__ counts
     assert "learners.ppo" in graph()["learners.learner"]
 
@@ -124,8 +124,9 @@ def test_a_peer_that_breaks_the_protocol_is_a_protocol_error_not_divergence():
         assert not isinstance(err.value, NonFiniteError)
 
     fetch = PeerFetch(1, order, 15)
-    fetch.run(lambda sync, obs, keep, on_chunk: (on_chunk(np.zeros((2, 15), np.float32)) or np.zeros((2, 15)), 0, 0),
-              None, None, False)
+    fetch.run(lambda sync, digest, rows, keep, on_chunk: (on_chunk(np.zeros((2, 15), np.float32)) or np.zeros((2, 15)),
+                                                          0, 0),
+              None, "digest", order, False)
     with pytest.raises(ProtocolError, match="returned 2 rows of logits, expected 4"):
         fetch.join(1)
 
@@ -163,3 +164,26 @@ def test_nothing_cites_a_file_the_repository_does_not_have():
     citing = [p for p in tracked if p.endswith((".py", ".md", ".yml", ".yaml", ".toml"))
               and "PAPER.md" in (ROOT / p).read_text(errors="ignore") and p != "tests/test_layout.py"]
     assert not (ROOT / "PAPER.md").exists() and citing == [], citing
+
+
+def plumbing_in(path: Path) -> list[str]:
+    """What makes a module more than math: threads, pools, the wire, the peer machinery (any import of them)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        found += [n for n in names if n.split(".")[0] in ("concurrent", "grpc", "threading", "protos")
+                  or n.startswith("learners.peer")]
+    return found
+
+
+def test_the_learner_is_the_math_alone(tmp_path):
+    """learners/learner.py reads as the update: under 200 lines, no threads, pools, gRPC or peer machinery (issue 23);
+    learners/peer/ does the exchange."""
+    plumbed = tmp_path / "plumbed.py"
+    plumbed.write_text("import threading\nfrom concurrent.futures import ThreadPoolExecutor\nimport learners.peer.state\n")
+    assert plumbing_in(plumbed) == ["threading", "concurrent.futures", "learners.peer.state"]   # the check can fail
+    learner = ROOT / "learners" / "learner.py"
+    assert len(learner.read_text().splitlines()) < 200
+    assert plumbing_in(learner) == []
+    assert plumbing_in(ROOT / "learners" / "reference.py") == []
