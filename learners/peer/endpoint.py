@@ -18,7 +18,7 @@ from learners.config import TrainConfig
 from learners.learner import Learner
 from learners.peer.exchange import PeerExchange, PeerLink
 from learners.peer.frames import PeerFrames
-from learners.peer.state import PeerState
+from learners.peer.state import KeptLogits, PeerState
 from learners.peer.sync import SyncPoint
 from learners.records import Batch, Rollout, Weights, batch_frames
 from learners.schedule import IterationPlan
@@ -47,13 +47,9 @@ class PeerEndpoint:
         """The learner's update of `plan.iteration` on `rollouts`, meeting the peers at the plan's sync points."""
         cfg, learner = self.cfg, self.learner
         batch = Batch.from_rollouts(rollouts, cfg.gamma, cfg.gae_lambda)
-        exact = cfg.distill_mode == "exact"
-        # Detached: chunks of half a micro-batch, so the rows the first micro-batch needs are back about when its
-        # forward ends.
         exchange = PeerExchange(self.links if plan.distill else [], self.state, learner.agent, self._pool, batch.size,
-                                batch.digest, learner.num_actions, exact,
-                                max(1, (cfg.microbatch_size or cfg.minibatch_size) // 2), cfg.sync_timeout_s,
-                                learner.device)
+                                batch.digest, learner.num_actions, cfg.distill_mode == "exact",
+                                cfg.microbatch_size or cfg.minibatch_size, cfg.sync_timeout_s, learner.device)
         return learner.update(batch, plan, exchange)
 
     def hold_frames(self, peer_id: int, iteration: int, rollouts: list[Rollout]) -> None:
@@ -79,8 +75,9 @@ class PeerEndpoint:
         `sync.step`.
 
         Exact mode (`keep_graph`): my live weights; my update does not step past `sync.step` until the peer's
-        gradient is back (PeerState.wait_for_peers). Detached mode: my weights at `sync.step`, kept or live
-        (PeerState.weights_at), so I need not wait for the peer.
+        gradient is back (PeerState.wait_for_peers), and keeps which rows it served, to backpropagate that gradient
+        through them then. Detached mode: my weights at `sync.step`, kept or live (PeerState.weights_at), so I need
+        not wait for the peer.
         """
         if rows.ndim != 1 or rows.dtype.kind not in "iu":
             raise ValueError(f"rows must be a 1-D integer array, got {rows.dtype} of shape {rows.shape}")
@@ -91,18 +88,14 @@ class PeerEndpoint:
         if len(rows) and (rows.min() < 0 or rows.max() >= len(frames)):
             raise ValueError(f"rows out of range: the batch has {len(frames)} rows")
         index = torch.from_numpy(rows.astype(np.int64)).to(frames.device)
-        kept: list[torch.Tensor] = []
         per_chunk = rows_per_chunk if rows_per_chunk > 0 else max(1, len(rows))
         for start in range(0, len(rows), per_chunk):
             x = frames[index[start:start + per_chunk]].to(self.learner.device)
-            if keep_graph:
-                logits = self.learner.agent.logits(x)
-                kept.append(logits)
-            else:
-                with self.state.weights_at(sync.step, self.learner.agent) as net, torch.no_grad():
-                    logits = net.logits(x)
-            yield logits.detach().cpu().numpy()
-        self.state.served(sync, kept if keep_graph else None)
+            # Exact mode reads my live weights: I am at sync.step and stay there until the peer's gradient is back.
+            with self.state.weights_at(sync.step, self.learner.agent) as net, torch.no_grad():
+                logits = net.logits(x)
+            yield logits.cpu().numpy()
+        self.state.served(sync, KeptLogits(frames, index) if keep_graph else None)
 
     def apply_peer_grad(self, sync: SyncPoint, grad: np.ndarray) -> None:
         """Exact mode: a peer's d(loss)/d(my logits), checked and queued; my training thread backpropagates it

@@ -4,7 +4,8 @@ At each sync point the learner asks every peer for its logits on a window of its
 frames: learners/peer/frames.py), streamed back while it computes (learners/peer/fetch.py); each micro-batch then
 takes the peers' logits on its own rows. Detached mode keeps the latest logits per sample as plain targets; exact
 mode turns each peer's logits on the minibatch into a leaf that collects d(KL)/d(peer logits), which goes back to
-the peer after the backward pass, while the peer's gradient for my logits comes in and is added to mine.
+the peer after the backward pass, while the peer's gradient for my logits comes in and is backpropagated into mine
+(the forward pass on its rows done again, a micro-batch at a time: learners/peer/state.py, KeptLogits).
 """
 
 from __future__ import annotations
@@ -72,11 +73,14 @@ class PeerExchange:
     """The `Peers` (learners/learner.py) of one update over `links` (none: no distillation this update)."""
 
     def __init__(self, links: list[PeerLink], state: PeerState, agent: torch.nn.Module, pool: ThreadPoolExecutor,
-                 batch_size: int, frames_digest: str, num_actions: int, exact: bool, stream_rows: int,
+                 batch_size: int, frames_digest: str, num_actions: int, exact: bool, microbatch_rows: int,
                  timeout_s: float, device: torch.device):
         self.links, self.state, self.agent, self.pool = links, state, agent, pool
         self.digest, self.num_actions, self.exact = frames_digest, num_actions, exact
-        self.stream_rows, self.timeout_s, self.device = stream_rows, timeout_s, device
+        # Detached: chunks of half a micro-batch, so the rows the first micro-batch needs are back about when its
+        # forward ends. Exact: my share of the peers' gradients is backpropagated a micro-batch at a time.
+        self.stream_rows, self.recompute_rows = max(1, microbatch_rows // 2), microbatch_rows
+        self.timeout_s, self.device = timeout_s, device
         self.peer_ids = [link.peer_id for link in links]
         self.stats = SyncStats()
         self.targets = {pid: np.zeros((batch_size, num_actions), np.float32) for pid in self.peer_ids}
@@ -140,10 +144,11 @@ class PeerExchange:
             self.stats.bytes_sent += sum(f.result() for f in futures)
             self.live = {}
             self.state.wait_for_peers(sync.step)
-        for kept in self.state.take_grads(sync.step):
-            grads = np.split(kept.grad, np.cumsum([len(k) for k in kept.logits])[:-1])
-            torch.autograd.backward(kept.logits,
-                                    [torch.from_numpy(np.ascontiguousarray(g)).to(self.device) for g in grads])
+        for kept in self.state.take_grads(sync.step):     # the forward pass again, with its graph, a chunk at a time
+            grad = torch.from_numpy(kept.grad).to(self.device)
+            for start in range(0, kept.rows, self.recompute_rows):
+                rows = kept.index[start:start + self.recompute_rows]
+                self.agent.logits(kept.frames[rows].to(self.device)).backward(grad[start:start + len(rows)])
 
     def optimizer_step(self, step: Callable[[], None]) -> None:
         _, waited = self.state.advance(step)

@@ -1,8 +1,8 @@
 """A learner's side of its syncs, and its weights version.
 
 The training thread and the gRPC server's threads meet here: which peers have read my weights at which step, the
-copies of my weights kept for peers that read late (detached mode), my logits kept with their graphs until the
-peer's gradient for them comes back (exact mode), and the step counter those all refer to. The learner's one lock
+copies of my weights kept for peers that read late (detached mode), which of a peer's rows I served until the
+peer's gradient for my logits on them comes back (exact mode), and the step counter those all refer to. The learner's one lock
 lives in this class and no other code takes it.
 """
 
@@ -31,14 +31,17 @@ T = TypeVar("T")
 
 @dataclass
 class KeptLogits:
-    """Exact mode: my logits on one peer's observations at one step, with their graph, and the peer's
-    d(its loss)/d(those logits) once it has come back."""
-    logits: list[torch.Tensor]
+    """Exact mode: the states I served a peer my logits on at one step (rows `index` of its `frames`), and the peer's
+    d(its loss)/d(those logits) once it has come back. Not the logits' graph: a minibatch's graph at the paper's
+    shape is gigabytes, so the forward pass is done again, a micro-batch at a time, when the gradient is here
+    (PeerExchange.before_step; my weights have not moved meanwhile)."""
+    frames: torch.Tensor
+    index: torch.Tensor
     grad: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
-        return sum(len(x) for x in self.logits)
+        return len(self.index)
 
 
 class PeerState:
@@ -143,7 +146,7 @@ class PeerState:
 
     @contextlib.contextmanager
     def weights_at(self, step: int, agent: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Detached mode: my network at exactly `step`, kept or live. Live weights are read only while I am at
+        """My network at exactly `step`, kept (detached mode) or live. Live weights are read only while I am at
         `step`, and my optimizer step (advance) waits for the read to end."""
         with self._cond:
             if not self._cond.wait_for(lambda: step in self._snapshots or self.step >= step, timeout=self.timeout_s):
@@ -165,11 +168,11 @@ class PeerState:
                     self._live_readers -= 1
                     self._cond.notify_all()
 
-    def served(self, sync: SyncPoint, kept: list[torch.Tensor] | None) -> None:
-        """A peer's logits request is answered; exact mode keeps the logits' graph for the gradient to come."""
+    def served(self, sync: SyncPoint, kept: KeptLogits | None) -> None:
+        """A peer's logits request is answered; exact mode keeps which states, for the gradient to come."""
         with self._cond:
             if kept is not None:
-                self._kept[(sync.peer_id, sync.step)] = KeptLogits(kept)
+                self._kept[(sync.peer_id, sync.step)] = kept
             self._served[sync.step] += 1
             if self._served[sync.step] >= len(self.peer_ids) and sync.step in self._snapshots:
                 self._free_snapshots.append(self._snapshots.pop(sync.step))   # read by every peer
