@@ -112,9 +112,19 @@ def test_tiny_bench_sync_costs_per_schedule(tiny):
         x = r["sync"][sync]
         assert x["syncs_per_iteration"] == per_iteration
         assert 0 < x["latency_p50_seconds"] <= x["latency_p99_seconds"]
-        # Each sync sends `states` uint8 frames and receives as many rows of 15 float32 logits (plus framing).
-        assert states * (FRAME_BYTES + 15 * 4) <= x["bytes_per_sync"] <= 1.01 * states * (FRAME_BYTES + 15 * 4) + 4096
+        # Each sync sends `states` int32 row indices and receives as many rows of 15 float32 logits (plus framing):
+        # no frames (the peer holds them).
+        assert states * (4 + 15 * 4) <= x["bytes_per_sync"] <= 1.2 * states * (4 + 15 * 4) + 4096
+        assert x["bytes_per_sync"] < states * FRAME_BYTES / 100
         assert 0 <= x["sync_fraction"] < 1 and positive(x["exchange_fraction"]) and positive(x["samples_per_second"])
+    w = r["wire"]       # one minibatch sync over loopback gRPC, v2's messages beside v1's frames
+    assert w["rows"] == mbs and w["syncs_per_iteration"] == cfg.num_minibatches * cfg.update_epochs
+    assert w["v2_rows_and_logits"]["bytes"] < mbs * (4 + 15 * 4) * 1.2 + 4096
+    assert w["v1_frames"]["bytes"] > mbs * FRAME_BYTES
+    assert 0 < w["v2_rows_and_logits"]["seconds"] and w["ratio"] == pytest.approx(
+        w["v2_rows_and_logits"]["seconds"] / w["v1_frames"]["seconds"])
+    assert w["peer_frames_held_bytes"] == cfg.batch_size * FRAME_BYTES * (cfg.num_learners - 1)
+    assert "wire: one minibatch sync" in format_table(r)
     d = r["detached_cost"]
     assert d["forward_rows"] == cfg.batch_size * cfg.update_epochs * (cfg.num_learners - 1)
     assert d["best_ratio"] == pytest.approx(d["update_seconds"] / (d["ppo_only_seconds"] + d["forward_seconds"]))

@@ -15,9 +15,9 @@ import torch
 from actors.rollout import env_spec
 from learners.bench.stages import BenchSize
 from learners.bench.synthetic import synthetic_rollout
+from learners.bench.wire import transport_cost
 from learners.config import TrainConfig
 from learners.learner_worker import LearnerWorker
-from learners.peer.wire import chunk_rows
 from learners.records import UpdateStats
 from learners.schedule import IterationPlan
 
@@ -26,18 +26,24 @@ def _probe_update(worker: LearnerWorker, plan: IterationPlan, distill_mode: str)
     """One update with `distill_mode` (every learner of the stage gets the same), so both objectives are measured
     side by side on the same learners and batch."""
     learner = worker.learner
-    learner.cfg = dataclasses.replace(learner.cfg, distill_mode=distill_mode)
-    if getattr(worker, "bench_rollout", None) is None:     # built in the learner's process: the driver stays lean
-        worker.bench_rollout = synthetic_rollout(worker.id, learner.obs_shape, learner.obs_dtype, learner.num_actions,
-                                                 worker.cfg.num_steps, worker.cfg.num_envs, seed=worker.id)
-    return worker.update(plan, worker.bench_rollout)
+    worker.cfg = learner.cfg = worker.endpoint.cfg = dataclasses.replace(learner.cfg, distill_mode=distill_mode)
+    if getattr(worker, "bench_rollouts", None) is None:    # built in the learner's process: the driver stays lean
+        # Every learner's batch, built from its id: mine to train on, my peers' to hold, as the coordinator hands
+        # them over each iteration.
+        worker.bench_rollouts = {i: synthetic_rollout(i, learner.obs_shape, learner.obs_dtype, learner.num_actions,
+                                                      worker.cfg.num_steps, worker.cfg.num_envs, seed=i)
+                                 for i in [worker.id, *worker.endpoint.peer_ids]}
+    for peer in worker.endpoint.peer_ids:
+        worker.hold_peer_frames(plan.iteration, peer, worker.bench_rollouts[peer])
+    return worker.update(plan, worker.bench_rollouts[worker.id])
 
 
 @torch.no_grad()
 def _probe_forward(worker: LearnerWorker, rows: int) -> float:
-    """Seconds for my network's forward pass over `rows` states, in the chunks a peer's request arrives in."""
-    obs = worker.bench_rollout.obs.reshape(-1, *worker.bench_rollout.obs.shape[2:])
-    step, done = chunk_rows(obs), 0
+    """Seconds for my network's forward pass over `rows` states, in the chunks a peer's logits stream back in."""
+    rollout = worker.bench_rollouts[worker.id]
+    obs = rollout.obs.reshape(-1, *rollout.obs.shape[2:])
+    step, done = max(1, (worker.cfg.microbatch_size or worker.cfg.minibatch_size) // 2), 0
     t0 = time.perf_counter()
     while done < rows:
         n = min(step, rows - done, len(obs))
@@ -122,6 +128,7 @@ def measure_learners(cfg: TrainConfig, spec: BenchSize) -> dict:
             # The detached-mode budget: the PPO-only update plus a forward pass over the states peers send.
             ppo_reps.append(_both_done(run(cfg.sync, distill=False)))
             forward_reps.append(max(ray.get([l.__ray_call__.remote(_probe_forward, rows) for l in learners])))
+        held = ray.get([l.__ray_call__.remote(lambda w: w.endpoint.frames.nbytes) for l in learners])
     finally:
         for l in learners:
             try:
@@ -129,7 +136,20 @@ def measure_learners(cfg: TrainConfig, spec: BenchSize) -> dict:
             except ray.exceptions.RayError:
                 pass          # already gone: nothing to stop
             ray.kill(l)
-    return _learner_result(cfg, by_sync, exact_reps, ppo_reps, forward_reps, rows)
+    result = _learner_result(cfg, by_sync, exact_reps, ppo_reps, forward_reps, rows)
+    result["wire"] = _wire_figures(cfg, obs_shape, num_actions, held, len(by_sync["minibatch"][0][0].sync_latencies))
+    return result
+
+
+def _wire_figures(cfg: TrainConfig, obs_shape: tuple, num_actions: int, held: list[int], syncs: int) -> dict:
+    """A minibatch sync's transport, protocol v2 beside v1's frames (learners/bench/wire.py), per sync and per
+    iteration, and the peers' frames each learner now holds instead (Ray moves them once an iteration, across nodes
+    when the learners are on different ones)."""
+    cost = transport_cost(obs_shape, cfg.minibatch_size, num_actions, exact=cfg.distill_mode == "exact")
+    return {**cost, "syncs_per_iteration": syncs,
+            "v2_seconds_per_iteration": cost["v2_rows_and_logits"]["seconds"] * syncs,
+            "v1_seconds_per_iteration": cost["v1_frames"]["seconds"] * syncs,
+            "peer_frames_held_bytes": max(held), "peer_frames_moved_bytes_per_iteration": max(held)}
 
 
 def _learner_result(cfg: TrainConfig, by_sync: dict[str, list[list[UpdateStats]]], exact_reps: list,

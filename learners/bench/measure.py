@@ -246,7 +246,7 @@ def run_bench(size: str = "smoke", env_id: str | None = None, iterations: int | 
             say("stage: per-sample costs by device and precision")
             out["device_costs"] = device_cost_rows(cfg, spec, stages)
             out.update(stages=stages, sync=learner["sync"], detached_cost=learner["detached_cost"],
-                       exact_cost=learner["exact_cost"])
+                       exact_cost=learner["exact_cost"], wire=learner["wire"])
             out["bounds"] = _bounds(cfg, stages, cores)
             out["end_to_end"] = e2e = _end_to_end(cfg, iterations, Path(tmp), memory, out["bounds"], say)
             out["scaling"] = [{"actors_per_learner": cfg.num_actors,

@@ -31,7 +31,7 @@ def format_table(r: dict) -> str:
              f"machine: {m['cores']} cores, load average {m['load_average_before'][0]:.2f} before / "
              f"{m['load_average_after'][0]:.2f} after; torch {m['torch']}, ray {m['ray']}; "
              f"{r['wall_seconds']:.0f} s", ""])
-    for section in (_stage_rows, _end_to_end_rows, _sync_rows, _cost_rows, _memory_rows):
+    for section in (_stage_rows, _end_to_end_rows, _sync_rows, _wire_rows, _cost_rows, _memory_rows):
         section(t.row, r)
     if "device_costs" in r:
         t.lines.append("")
@@ -91,9 +91,24 @@ def _end_to_end_rows(row, r: dict) -> None:
 def _sync_rows(row, r: dict) -> None:
     for sync, x in r["sync"].items():
         row(f"sync {sync}: latency p50 / p99", x["latency_p50_seconds"] * 1e3, f"ms / {x['latency_p99_seconds'] * 1e3:,.0f} ms")
-        row(f"  bytes per sync, {x['syncs_per_iteration']:.0f} syncs per iteration", x["bytes_per_sync"] / 2**20, "MiB", "{:,.2f}")
+        row(f"  bytes per sync, {x['syncs_per_iteration']:.0f} syncs per iteration", x["bytes_per_sync"] / 2**10, "KiB",
+            "{:,.1f}")
         row("  fraction of learner time blocked in syncs", x["sync_fraction"], f"(exchanges overlap "
             f"{x['exchange_fraction']:.2f} of it)", "{:.3f}")
+
+
+def _wire_rows(row, r: dict) -> None:
+    if "wire" not in r:           # results saved before only logits crossed the wire
+        return
+    w, v2, v1 = r["wire"], r["wire"]["v2_rows_and_logits"], r["wire"]["v1_frames"]
+    row(f"wire: one minibatch sync ({w['rows']} rows{', exact' if w['exact'] else ''}), rows + logits",
+        v2["seconds"] * 1e3, f"ms, {v2['bytes'] / 2**10:,.1f} KiB (loopback gRPC, median of {w['reps']})", "{:,.1f}")
+    row("  the same sync sending the frames (protocol v1)", v1["seconds"] * 1e3,
+        f"ms, {v1['bytes'] / 2**20:,.2f} MiB; v2 / v1 {w['ratio']:.3f}", "{:,.1f}")
+    row(f"  per iteration ({w['syncs_per_iteration']} syncs): v2 / v1", w["v2_seconds_per_iteration"] * 1e3,
+        f"ms / {w['v1_seconds_per_iteration'] * 1e3:,.0f} ms", "{:,.1f}")
+    row("  peers' frames each learner holds (moved by Ray once an iteration)", w["peer_frames_held_bytes"] / 2**20,
+        "MiB", "{:,.1f}")
 
 
 def _cost_rows(row, r: dict) -> None:
