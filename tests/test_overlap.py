@@ -202,3 +202,37 @@ def test_loading_a_checkpoint_drops_the_weights_kept_for_peers():
     finally:
         for w in workers:
             w.stop()
+
+
+def test_a_rolled_back_iteration_trains_on_its_new_frames_as_the_reference_does():
+    """Rollback: iteration 0 trained on rollouts A, the learners go back to the checkpoint before it and iteration 0
+    is collected again (rollouts B, other frames). The redone update equals the reference's on B from the
+    checkpoint: no learner answers its peer on A's frames, which it held before (a request naming them is refused)."""
+    from learners.peer.sync import SyncError, SyncPoint
+    from learners.records import batch_frames
+
+    cfg = TrainConfig(env_id="CartPole-v1", alpha=1.0, sync="2", num_envs=4, num_steps=8, num_minibatches=4,
+                      update_epochs=2, learning_rate=1e-2, rpc_timeout_s=30, sync_timeout_s=2)
+    plan = IterationPlan(0, 5, cfg.batch_size, 4, 2, "2", True, cfg.learning_rate)
+    first = [synthetic_rollout(i, (4,), "float32", 2, 8, 4, seed=40 + i) for i in range(2)]
+    again = [synthetic_rollout(i, (4,), "float32", 2, 8, 4, seed=50 + i) for i in range(2)]
+    pair = LearnerPair(cfg, (4,), "float32", 2)
+    try:
+        reference, optimizers = reference_of(pair)
+        checkpoint = [copy.deepcopy(l.state_dict()) for l in pair.learners]
+        pair.update_all(first, plan)
+        for learner, endpoint, state in zip(pair.learners, pair.endpoints, checkpoint):
+            learner.load_state_dict(state)
+            endpoint.reset()                         # what LearnerWorker.load_state does
+        stats = pair.update_all(again, plan)
+        reference_update(reference, optimizers, again, cfg, plan)
+        for learner, ref in zip(pair.learners, reference):
+            assert_same_parameters(learner.agent, ref)
+        assert all(s.syncs == plan.sync_points() for s in stats)
+        _, stale = batch_frames([first[0]])
+        with pytest.raises(SyncError, match="re-collected"):
+            pair.endpoints[1].frames.get(0, 0, stale)
+        with pytest.raises(Exception, match="FAILED_PRECONDITION: .*re-collected"):
+            pair.client(0, 1).fetch_logits(SyncPoint(0, 0, 0, 7), stale, np.arange(4), keep_graph=False)
+    finally:
+        pair.close()
