@@ -127,8 +127,8 @@ def _progress_bar(cfg: TrainConfig, start_steps: int):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from learners.coordinator.loop import Coordinator, RunStopped, TrainingDiverged
-    from learners.training import prepare
+    from learners.coordinator.failures import RunStopped, TrainingDiverged
+    from learners.training import make_coordinator, prepare
 
     try:
         cfg, run_dir = resolve_config(args)
@@ -142,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"mdpo train: error: {err}", file=sys.stderr)
         return 2
-    coordinator = Coordinator(cfg, run_dir, resume=found == "resume")
+    coordinator = make_coordinator(cfg, run_dir, resume=found == "resume")
     log.info("run directory: %s", run_dir.resolve())
     bar = None
     try:

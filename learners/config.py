@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from learners.backends import check_backend
 from learners.errors import ConfigError
 from learners.tracker_names import check_settings
 
@@ -134,6 +135,8 @@ class TrainConfig:
     """Where config, metrics, checkpoints, plots and summary go (default runs/<env>-<time>)."""
     ray_address: str = ""
     """Existing Ray cluster (`auto`, `ray://...`, host:port); empty starts an embedded local Ray."""
+    backend: str = "ray"
+    """`ray`: learners and rollout actors as Ray actors, peers over gRPC (every core and node, GPUs, fault recovery). `local`: the whole run in this one process, no Ray, no gRPC, one role after another, CPU only (to step through or profile the math; README: Backends)."""
     progress: bool = True
     # --- monitoring (learners/telemetry/metrics.py, deploy/prometheus/README.md) ---
     metrics_host: str = "127.0.0.1"
@@ -195,9 +198,8 @@ class TrainConfig:
         return self
 
     def _check_numbers(self) -> None:
-        positive = ["num_learners", "total_steps", "num_envs", "num_steps", "num_minibatches",
-                    "update_epochs", "num_actors", "eval_episodes", "return_window", "keep_checkpoints",
-                    "checkpoint_every"]
+        positive = ["num_learners", "total_steps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+                    "num_actors", "eval_episodes", "return_window", "keep_checkpoints", "checkpoint_every"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be a positive integer, got {getattr(self, name)}")
@@ -243,6 +245,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         check_settings(self.track, self.track_group)
+        check_backend(self)
 
     def _check_channel(self) -> None:
         top = 65535 - (1 + 2 * self.num_learners + self.num_learners * self.num_actors)   # telemetry.ports_needed
@@ -294,7 +297,7 @@ def _flag(name: str) -> str:
 PLACEMENT_FIELDS = frozenset({"run_dir", "ray_address", "progress", "checkpoint_every", "device", "run_id",
                               "metrics_host", "metrics_port", "metrics_sd_dir", "hang_timeout_s", "hang_floor_s",
                               "grpc_allow_insecure", "grpc_token_file", "inference", "track", "track_project",
-                              "track_group", "mlflow_tracking_uri", "probe_budget"})
+                              "track_group", "mlflow_tracking_uri", "probe_budget", "backend"})
 # `mdpo train --resume RUN_DIR` may also change the budget (the run directory is RUN_DIR itself).
 RESUME_MAY_CHANGE = (PLACEMENT_FIELDS | {"total_steps"}) - {"run_dir"}
 

@@ -3,7 +3,6 @@ Only plumbing; the math is in learner.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import time
@@ -104,13 +103,7 @@ class LearnerWorker:
         except NonFiniteError:
             self.telemetry.record_nonfinite()
             raise
-        stats = dataclasses.replace(
-            stats, env_steps=sum(r.env_steps for r in rollouts),
-            episode_returns=np.concatenate([r.episode_returns for r in rollouts]).tolist(),
-            episode_lengths=np.concatenate([r.episode_lengths for r in rollouts]).tolist(),
-            collect_seconds=max(r.collect_seconds for r in rollouts),
-            inference_seconds=sum(r.inference_seconds for r in rollouts),
-            version_lag=max(step_before - r.weights_version for r in rollouts))
+        stats = stats.with_rollouts(rollouts, step_before)
         self.telemetry.record_update(stats, rollouts, started, step_before)
         return stats
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -133,6 +133,17 @@ class UpdateStats:
 
     def scalars(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("series")}
+
+    def with_rollouts(self, rollouts: list[Rollout], step_before: int) -> "UpdateStats":
+        """These stats with the account of the rollouts trained on; `step_before`: the optimizer step the update
+        started from."""
+        return replace(
+            self, env_steps=sum(r.env_steps for r in rollouts),
+            episode_returns=np.concatenate([r.episode_returns for r in rollouts]).tolist(),
+            episode_lengths=np.concatenate([r.episode_lengths for r in rollouts]).tolist(),
+            collect_seconds=max(r.collect_seconds for r in rollouts),
+            inference_seconds=sum(r.inference_seconds for r in rollouts),
+            version_lag=max(step_before - r.weights_version for r in rollouts))
 
 
 @dataclass

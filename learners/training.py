@@ -38,20 +38,30 @@ def prepare(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> str:
     return found
 
 
-def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress=None) -> dict:
-    """Train `cfg` (on cfg.ray_address's Ray cluster, else an embedded local one) and return the run's summary
-    (summary.json). A run directory that holds this run is continued, a finished one returned at once; bad input
-    raises ConfigError before anything starts. `progress(record)` is called after every iteration with its
-    metrics.jsonl record."""
+def make_coordinator(cfg: TrainConfig, run_dir: Path, resume: bool = False):
+    """The run's coordinator for cfg.backend: Ray actors (learners/coordinator/loop.py) or every role in this process
+    (learners/local.py); both are learners/coordinator/runner.py's Runner."""
+    if cfg.backend == "local":
+        from learners.local import LocalCoordinator
+
+        return LocalCoordinator(cfg, run_dir, resume)
     from learners.coordinator.loop import Coordinator
 
+    return Coordinator(cfg, run_dir, resume)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress=None) -> dict:
+    """Train `cfg` (on cfg.ray_address's Ray cluster, else an embedded local one; with cfg.backend "local" in this
+    process) and return the run's summary (summary.json). A run directory that holds this run is continued, a
+    finished one returned at once; bad input raises ConfigError before anything starts. `progress(record)` is
+    called after every iteration with its metrics.jsonl record."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir)).validate()
     found = prepare(cfg, run_dir)
     if found == "finished":
         log.info("%s holds this run, finished: nothing to do", run_dir)
         return json.loads((run_dir / "summary.json").read_text())
-    coordinator = Coordinator(cfg, run_dir, resume=found == "resume")
+    coordinator = make_coordinator(cfg, run_dir, resume=found == "resume")
     try:
         coordinator.start()
         return coordinator.run(progress)

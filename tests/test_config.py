@@ -70,6 +70,10 @@ def test_config_round_trip(tmp_path):
     (["train", "--env", "notagame"], "notagame"),
     (["train", "--preset", "smoke", "--num-minibatches", "3"], "not divisible"),
     (["train", "--resume", "/nonexistent/run"], "no config.json"),
+    (["train", "--backend", "dask"], "--backend must be one of ray, local"),
+    (["train", "--backend", "local", "--ray-address", "auto"], "drop --ray-address, or use --backend ray"),
+    (["train", "--backend", "local", "--inference", "learner"], "use --inference actor (or auto), or --backend ray"),
+    (["train", "--backend", "local", "--device", "cuda"], "use --device cpu (or auto), or --backend ray"),
 ])
 def test_cli_fails_fast_with_exit_code_2(argv, fragment, capsys):
     start = time.perf_counter()

@@ -75,7 +75,10 @@ def is_loopback(host: str) -> bool:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Checks that need the machine or network, run before anything is started."""
+    """Checks that need the machine or network, run before anything is started. The local backend opens no gRPC
+    port and joins no cluster: nothing here concerns it."""
+    if cfg.backend == "local":
+        return
     if (not is_loopback(cfg.grpc_host) and not cfg.grpc_tls_cert and not os.environ.get(cfg.grpc_token_env)
             and not cfg.grpc_token_file and not cfg.grpc_allow_insecure):
         raise ConfigError(

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import ray
 
 from actors.probes import probe_metrics
 from learners.files import atomic_write
-from learners.records import ProbeOutput, ProbeSet
+from learners.records import ProbeOutput, ProbeSet, Weights
 
 log = logging.getLogger("mdpo")
 PROBES_FILE = "probes.npz"
@@ -28,15 +29,14 @@ def probe_due(spent_seconds: float, last_round_seconds: float, budget: float, wa
     return spent_seconds + last_round_seconds <= budget * wall_seconds
 
 
-def load_probe_set(run_dir: Path, evaluator, get) -> ProbeSet:
-    """The run's probe set: kept in the run directory, so a resumed run measures the same states; else built by
-    `evaluator`'s process (the driver would otherwise load Procgen's assets, ~350 MB, for it), awaited with `get`
-    (the coordinator's bounded wait)."""
+def load_probe_set(run_dir: Path, build: Callable[[], ProbeSet]) -> ProbeSet:
+    """The run's probe set: kept in the run directory, so a resumed run measures the same states; else `build()`
+    (the Coordinator has the first evaluator's process build it, actors/rollout.py: RolloutWorker.probe_set)."""
     path = Path(run_dir) / PROBES_FILE
     if path.exists():
         return ProbeSet.from_npz(path)
     t0 = time.perf_counter()
-    (probe,) = get([evaluator.probe_set.remote()], "probe set")
+    probe = build()
     atomic_write(path, probe.to_npz())
     fraction = probe.training_level_fraction
     log.info("probe set: %d states of %s (%s) built in %.1fs%s", probe.states, probe.env_id, ", ".join(probe.renderings),
@@ -85,11 +85,15 @@ class Evaluations:
                 # next evaluation goes to it.
                 log.warning("evaluation of learner %d failed (%s); the next one goes on", i, type(err).__name__)
                 continue
-            output = result.pop("probe", None)     # arrays: kept only until paired, never in checkpoints
-            self.last[i] = result
-            if output is not None:
-                self.probe_seconds += output.seconds
-                self._pair(output)
+            self.take(i, result)
+
+    def take(self, i: int, result: dict) -> None:
+        """Learner i's finished evaluation (Evaluator.evaluate's result)."""
+        output = result.pop("probe", None)     # arrays: kept only until paired, never in checkpoints
+        self.last[i] = result
+        if output is not None:
+            self.probe_seconds += output.seconds
+            self._pair(output)
 
     def _pair(self, output: ProbeOutput) -> None:
         version = output.weights_version
@@ -118,3 +122,20 @@ class Evaluations:
         self.poll(timeout)          # let in-flight evaluations finish first
         self.launch(evaluators, learners, wall_seconds)
         self.poll(timeout)
+
+
+class InProcessEvaluations(Evaluations):
+    """The local backend's evaluations (learners/local.py): each runs at once, in this process, on the learner's
+    current weights; the results, the probe pairing and --probe-budget are the same. `evaluators` are RolloutWorkers
+    (actor 0 of each learner), `learners` Learners."""
+
+    def use_probe(self, probe: ProbeSet) -> None:
+        self.probe = self.probe_ref = probe      # no object store: the evaluators take it as it is
+
+    def launch(self, evaluators: list, learners: list, wall_seconds: float = float("inf")) -> None:
+        extra = (self.probe,) if self.probe_due(wall_seconds) else ()
+        for i, evaluator in enumerate(evaluators):
+            self.take(i, evaluator.evaluate(Weights.from_module(learners[i].step, learners[i].agent), *extra))
+
+    def poll(self, timeout: float = 0) -> None:
+        """Nothing is ever in flight."""

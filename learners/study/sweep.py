@@ -146,6 +146,11 @@ class SweepConfig:
                     raise ConfigError(f"method {method.name} sets {name}, which is also an axis or a fixed override")
         if self.max_concurrent < 0:
             raise ConfigError(f"--max-concurrent must be >= 0 (0: as resources allow), got {self.max_concurrent}")
+        backends = [self.overrides.get("backend"), *self.axes.get("backend", []),
+                    *(m.overrides.get("backend") for m in self.methods)]
+        if "local" in backends:      # every cell joins the sweep's Ray cluster (--ray-address)
+            raise ConfigError("a sweep runs its cells on a Ray cluster: drop --backend local (it is for one run in "
+                              "one process: mdpo train --backend local)")
         return self
 
 

@@ -28,7 +28,8 @@ class RunProgress:
     env_steps: list[int]                 # per learner, so far
     failures: int                        # learner/actor failures recovered
     learner_endpoints: list[dict]        # each learner's /metrics endpoint ({} where it has none)
-    actors: list                         # every rollout actor's handle (asked for its endpoints, and its evaluator's)
+    actors: list                         # every rollout actor's handle (asked for its endpoints, and its evaluator's),
+                                         # or with the local backend the RolloutWorker itself
     evaluators: int
     hangs: int = 0                       # processes found hung (past the bound) and replaced
 
@@ -195,10 +196,11 @@ class CoordinatorTelemetry(Telemetry):
         if self.cfg.metrics_port < 0:
             return
         found = [e for e in progress.learner_endpoints if e]
-        actors = progress.actors
         # An actor's own endpoint and, for the first actor of a learner, its evaluator's. Those that do not answer
-        # in time (busy, restarting, hung) are asked again next iteration; the others count now.
-        refs = [a.metrics_endpoints.remote() for a in actors]
+        # in time (busy, restarting, hung) are asked again next iteration; the others count now. The local
+        # backend's workers are plain objects in this process: they answer at once.
+        found += [e for a in progress.actors if not isinstance(a, ray.actor.ActorHandle) for e in a.metrics_endpoints()]
+        refs = [a.metrics_endpoints.remote() for a in progress.actors if isinstance(a, ray.actor.ActorHandle)]
         ready, late = ray.wait(refs, num_returns=len(refs), timeout=actors_wait_s) if refs else ([], [])
         for ref in ready:
             try:
