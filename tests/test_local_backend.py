@@ -181,3 +181,27 @@ def test_a_diverged_local_run_stops_as_a_ray_run_does(tmp_path):
     assert proc.returncode == 1 and "mdpo train: error: training diverged: non-finite" in proc.stderr, proc.stderr[-3000:]
     assert json.loads((run / "summary.json").read_text())["error"]["type"] == "TrainingDiverged"
     assert load_checkpoint(run / "checkpoints" / "ckpt-000000").iteration == 0
+
+
+def test_a_resumed_run_seeds_its_actors_at_the_checkpoints_iteration(tmp_path):
+    """schedule.actor_seed shifts an actor's env seed by the iteration it starts at, so a resumed run does not replay
+    the episodes of the run's start: the actors of a run resumed at iteration 2 are seeded for iteration 2 (they
+    were seeded for iteration 0 before the runner read the checkpoint first)."""
+    from learners.config import TrainConfig
+    from learners.local import LocalCoordinator
+    from learners.schedule import actor_seed
+
+    run = tmp_path / "seeds"
+    mdpo("--backend", "local", "--preset", "cartpole", "--total-steps", str(2 * BATCH), "--eval-every", "0",
+         "--metrics-port", "-1", "--run-dir", str(run))
+    cfg = dataclasses.replace(TrainConfig.load(run / "config.json"), total_steps=4 * BATCH)
+    coordinator = LocalCoordinator(cfg, run, resume=True)
+    try:
+        coordinator.start()
+        seeds = [[worker.rng.initial_seed() for worker in group] for group in coordinator.actors]
+        assert coordinator.iteration == 2
+    finally:
+        coordinator.shutdown()
+    expected = [[actor_seed(cfg, i, a, 2) for a in range(cfg.num_actors)] for i in range(cfg.num_learners)]
+    assert seeds == expected and expected != [[actor_seed(cfg, i, a, 0) for a in range(cfg.num_actors)]
+                                               for i in range(cfg.num_learners)]

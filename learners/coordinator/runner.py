@@ -61,11 +61,15 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(exist_ok=True)
         cfg.save(self.run_dir / "config.json")
+        resume_from = self._latest_checkpoint() if self.resume else None
+        # Rollout actors are seeded by the iteration they start at (schedule.actor_seed): a resumed run's actors
+        # start at the checkpoint's, so it does not replay the episodes of the run's start.
+        self.iteration = resume_from.state["iteration"] if resume_from else 0
         self._start_processes()
         if cfg.eval_every and cfg.probe_states:   # the same states at every evaluation, resumed runs included
             self.evals.use_probe(load_probe_set(self.run_dir, self._build_probe_set))
         if self.resume:
-            self._restore()
+            self._restore(resume_from)
         else:
             self.metrics.start()
             self.checkpoint(0.0)    # iteration 0: every failure has a checkpoint to roll back to
@@ -197,11 +201,16 @@ class Runner:
         save_checkpoint(self.ckpt_dir, self.iteration, learner_states, state, self.cfg.keep_checkpoints)
         self.metrics.commit(self.iteration)
 
-    def _restore(self) -> None:
-        self.next_rollouts = None     # collected for weights the restored learners no longer have
+    def _latest_checkpoint(self):
         ckpt = latest_checkpoint(self.ckpt_dir)
         if ckpt is None:
             raise FileNotFoundError(f"no valid checkpoint under {self.ckpt_dir}: nothing to resume")
+        return ckpt
+
+    def _restore(self, ckpt=None) -> None:
+        """Back to `ckpt` (else the latest good checkpoint): the learners, the counters, the actors' state."""
+        self.next_rollouts = None     # collected for weights the restored learners no longer have
+        ckpt = ckpt or self._latest_checkpoint()
         if len(ckpt.learners) != self.cfg.num_learners:
             raise ValueError(f"{ckpt.path} holds {len(ckpt.learners)} learners, the config asks for {self.cfg.num_learners}")
         self._load_learner_states(ckpt.learners)
