@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per TrainConfig field (dest: the field name; None when not given)."""
+    """One flag per TrainConfig field (dest: the field name; None when not given).
+
+    argparse rather than tyro (cleanrl's): tyro 1.0.17 takes a bool field as `--flag`/`--no-flag` or, with
+    FlagConversionOff, as `--flag True` only, never both and never `--flag true`, which `mdpo sweep` writes and users'
+    scripts have; and it returns a filled dataclass, which cannot tell a flag given with its default's value from
+    one not given (what --resume and presets need)."""
     helps = _field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:

@@ -133,3 +133,19 @@ def test_help_shows_each_default_once():
     env = re.search(r"--env ID, --env-id ID (.*?)--distribution-mode", helps["train"]).group(1)
     assert env.count("default") == 1 and "(default 'coinrun')" in env, env
     assert "--print-config print the resolved config" in helps["train"] and "(default: False)" in helps["train"]
+
+
+def test_every_form_of_a_bool_flag_parses_and_a_flag_not_given_is_told_apart():
+    """What the CLI keeps (learners/cli.py, _add_config_flags): `--flag`, `--no-flag`, `--flag true|false` (what
+    `mdpo sweep` writes), and None for a flag not given, even where a given one equals its default."""
+    from learners.cli import build_parser
+
+    parser = build_parser()
+    base = ["train", "--preset", "cartpole"]
+    assert parser.parse_args(base + ["--policy-lag"]).policy_lag is True
+    assert parser.parse_args(base + ["--no-policy-lag"]).policy_lag is False
+    assert parser.parse_args(base + ["--policy-lag", "true"]).policy_lag is True
+    assert parser.parse_args(base + ["--policy-lag", "false"]).policy_lag is False
+    assert parser.parse_args(base).policy_lag is None
+    assert parser.parse_args(base + ["--alpha", str(TrainConfig.alpha)]).alpha == TrainConfig.alpha
+    assert parser.parse_args(base).alpha is None
