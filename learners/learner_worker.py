@@ -81,6 +81,10 @@ class LearnerWorker:
         self.endpoint.hold_frames(peer_id, iteration, list(rollouts))
         return self.endpoint.frames.nbytes
 
+    def release_peer_frames(self, iteration: int) -> None:
+        """Every learner's update of `iteration` is over: the peers' frames of it are no longer asked for."""
+        self.endpoint.frames.release(iteration)
+
     def policy(self) -> Weights | ServedPolicy:
         """What my rollout actors collect the next rollout with: my weights, or (learner-served inference) their
         version, which I then serve."""

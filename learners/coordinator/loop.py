@@ -130,6 +130,8 @@ class Coordinator(Runner):
                 for p in range(cfg.num_learners) if p != i and cfg.distilling]
         updates = [l.update.remote(plan, *rollouts[i]) for i, l in enumerate(self.learners)]
         stats: list[UpdateStats] = self._get(updates + held, "learner updates")[:len(updates)]
+        for learner in self.learners if held else []:     # no peer asks for them any more: Ray may free them
+            learner.release_peer_frames.remote(it)
         self.iteration = it + 1
         for i, a, state in self.book.observe(self._get([r for group in reports for r in group], "actor reports")):
             self.actors[i][a].set_state.remote(state)

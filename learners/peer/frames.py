@@ -48,6 +48,12 @@ class PeerFrames:
                             f"I hold {held[:12]} (re-collected after a failure?)")
         return frames
 
+    def release(self, iteration: int) -> None:
+        """Every peer's update of `iteration` is over: its frames go (they would otherwise stay in Ray's object store
+        beside the next iteration's rollouts, 200 MB a learner at the paper's shape)."""
+        with self._cond:
+            self._held = {(p, i): v for (p, i), v in self._held.items() if i > iteration}
+
     def reset(self) -> None:
         """After a restore: the iterations held are redone with new frames."""
         with self._cond:
