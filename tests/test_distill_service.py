@@ -95,7 +95,7 @@ def test_a_request_for_more_than_one_batch_is_rejected(image_pair):
 def test_gradient_without_kept_logits_is_rejected(image_pair):
     client = image_pair.client(0, 1)
     with pytest.raises(grpc.RpcError) as err:
-        client.send_grad(SyncPoint(0, 0, 0, 0), np.zeros((2, 15), np.float32))
+        client.send_grads(SyncPoint(0, 0, 0, 0), [(0, np.zeros((2, 15), np.float32))])
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -107,13 +107,29 @@ def test_gradient_of_the_wrong_shape_is_a_protocol_error_and_invalid_argument(im
     client, server = image_pair.client(0, 1), image_pair.endpoints[1]
     _, digest = image_pair.give_frames(0)
     sync = SyncPoint(0, 0, 0, 0)
-    client.fetch_logits(sync, digest, np.arange(4), keep_graph=True)      # the server keeps 4 rows' logits for me
+    client.fetch_logits(sync, digest, np.arange(6), keep_graph=True, rows_per_chunk=4)   # chunks of 4 and 2 rows
     with pytest.raises(ProtocolError, match="shape"):
-        server.apply_peer_grad(sync, np.zeros((5, 15), np.float32))
+        server.apply_peer_grad(sync, 0, np.zeros((5, 15), np.float32))
     with pytest.raises(grpc.RpcError) as err:
-        client.send_grad(sync, np.zeros((5, 15), np.float32))
+        client.send_grads(sync, [(1, np.zeros((4, 15), np.float32))])     # chunk 1 had 2 rows
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    client.send_grad(sync, np.zeros((4, 15), np.float32))       # the right shape is still taken
+    assert client.send_grads(sync, [(0, np.zeros((4, 15), np.float32)), (1, np.zeros((2, 15), np.float32))]) > 0
+    with pytest.raises(grpc.RpcError) as err:                                  # each chunk's gradient is taken once
+        client.send_grads(sync, [(0, np.zeros((4, 15), np.float32))])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_exact_mode_keeps_the_graphs_of_a_few_chunks_at_a_time(image_pair):
+    """The server computes a chunk with its graph only while fewer than GRAPHS_IN_FLIGHT chunks wait for their
+    gradient: a minibatch's graph is never held whole (gigabytes at the paper's shape)."""
+    from learners.peer.state import GRAPHS_IN_FLIGHT
+
+    client, server = image_pair.client(0, 1), image_pair.endpoints[1]
+    _, digest = image_pair.give_frames(0)
+    sync, arrived = SyncPoint(0, 0, 0, 0), []
+    with pytest.raises(Exception, match="sent no gradient"):          # no gradient ever comes: the stream stops
+        client.fetch_logits(sync, digest, np.arange(40), keep_graph=True, rows_per_chunk=4, on_chunk=arrived.append)
+    assert len(arrived) == GRAPHS_IN_FLIGHT and len(server.state._graphs) == GRAPHS_IN_FLIGHT
 
 
 @pytest.mark.parametrize("sync,expected_syncs,expected_staleness", [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import grpc
 import numpy as np
@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from learners.peer.guard import PEER_ID_KEY
 from learners.peer.security import ChannelSecurity
 from learners.peer.sync import PeerCallError, SyncPoint
-from learners.peer.wire import MAX_MESSAGE_BYTES, SERVICE_NAME, chunk_rows, from_ndarray, sync_msg, to_ndarray
+from learners.peer.wire import MAX_MESSAGE_BYTES, SERVICE_NAME, from_ndarray, sync_msg, to_ndarray
 from protos import distill_pb2 as pb
 from protos import distill_pb2_grpc as pb_grpc
 
@@ -82,15 +82,22 @@ class PeerClient:
                 raise
         return (np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)), request.ByteSize(), received
 
-    def send_grad(self, sync: SyncPoint, grad: np.ndarray) -> int:
-        grad = grad.astype(np.float32, copy=False)
-        rows = chunk_rows(grad)
-        msgs = [pb.GradChunk(sync=sync_msg(sync), chunk_index=i, num_chunks=-(-len(grad) // rows),
-                             grad=to_ndarray(grad[start:start + rows]))
-                for i, start in enumerate(range(0, len(grad), rows))]
+    def send_grads(self, sync: SyncPoint, chunks: Iterable[tuple[int, np.ndarray]]) -> int:
+        """Exact mode: d(my loss)/d(the peer's logits), one message per chunk of its logits as `chunks` yields them,
+        on one stream; returns bytes sent."""
+        sent = 0
+
+        def messages():
+            nonlocal sent
+            for chunk, grad in chunks:
+                msg = pb.GradChunk(sync=sync_msg(sync), chunk_index=chunk,
+                                   grad=to_ndarray(np.asarray(grad, np.float32)))
+                sent += msg.ByteSize()
+                yield msg
+
         with self._call("PeerGrad"):
-            self.stub.PeerGrad(iter(msgs), timeout=self.timeout_s, metadata=self.metadata)
-        return sum(m.ByteSize() for m in msgs)
+            self.stub.PeerGrad(messages(), timeout=self.timeout_s, metadata=self.metadata)
+        return sent
 
     def close(self) -> None:
         self.channel.close()

@@ -18,7 +18,7 @@ from learners.config import TrainConfig
 from learners.learner import Learner
 from learners.peer.exchange import PeerExchange, PeerLink
 from learners.peer.frames import PeerFrames
-from learners.peer.state import KeptLogits, PeerState
+from learners.peer.state import PeerState
 from learners.peer.sync import SyncPoint
 from learners.records import Batch, Rollout, Weights, batch_frames
 from learners.schedule import IterationPlan
@@ -32,7 +32,9 @@ class PeerEndpoint:
         self.state.step = learner.step
         self.frames = PeerFrames(learner.id, learner.device, cfg.sync_timeout_s)
         self.links: list[PeerLink] = []
-        self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.num_learners - 1), thread_name_prefix="peer")
+        self._params = list(learner.agent.parameters())
+        # Per peer, a logits request and (exact mode) the stream of gradients back.
+        self._pool = ThreadPoolExecutor(max_workers=2 * max(1, cfg.num_learners - 1), thread_name_prefix="peer")
 
     @property
     def peer_ids(self) -> set[int]:
@@ -74,10 +76,10 @@ class PeerEndpoint:
         """Logits of my policy on rows `rows` of peer `sync.peer_id`'s frames, chunk by chunk, at exactly step
         `sync.step`.
 
-        Exact mode (`keep_graph`): my live weights; my update does not step past `sync.step` until the peer's
-        gradient is back (PeerState.wait_for_peers), and keeps which rows it served, to backpropagate that gradient
-        through them then. Detached mode: my weights at `sync.step`, kept or live (PeerState.weights_at), so I need
-        not wait for the peer.
+        Exact mode (`keep_graph`): my live weights; each chunk keeps its graph until the peer's gradient for it is
+        back, a few chunks at a time (PeerState.keep_graph), and my update does not step past `sync.step` until all
+        are (PeerState.wait_for_peers). Detached mode: my weights at `sync.step`, kept or live (PeerState.weights_at),
+        so I need not wait for the peer.
         """
         if rows.ndim != 1 or rows.dtype.kind not in "iu":
             raise ValueError(f"rows must be a 1-D integer array, got {rows.dtype} of shape {rows.shape}")
@@ -89,15 +91,17 @@ class PeerEndpoint:
             raise ValueError(f"rows out of range: the batch has {len(frames)} rows")
         index = torch.from_numpy(rows.astype(np.int64)).to(frames.device)
         per_chunk = rows_per_chunk if rows_per_chunk > 0 else max(1, len(rows))
-        for start in range(0, len(rows), per_chunk):
+        for chunk, start in enumerate(range(0, len(rows), per_chunk)):
             x = frames[index[start:start + per_chunk]].to(self.learner.device)
-            # Exact mode reads my live weights: I am at sync.step and stay there until the peer's gradient is back.
-            with self.state.weights_at(sync.step, self.learner.agent) as net, torch.no_grad():
-                logits = net.logits(x)
-            yield logits.cpu().numpy()
-        self.state.served(sync, KeptLogits(frames, index) if keep_graph else None)
+            if keep_graph:     # my live weights: I stay at sync.step until every chunk's gradient is back
+                logits = self.state.keep_graph(sync, chunk, lambda: self.learner.agent.logits(x))
+            else:
+                with self.state.weights_at(sync.step, self.learner.agent) as net, torch.no_grad():
+                    logits = net.logits(x)
+            yield logits.detach().cpu().numpy()
+        self.state.served(sync)
 
-    def apply_peer_grad(self, sync: SyncPoint, grad: np.ndarray) -> None:
-        """Exact mode: a peer's d(loss)/d(my logits), checked and queued; my training thread backpropagates it
-        before its optimizer step (PeerExchange.before_step)."""
-        self.state.queue_grad(sync, grad, self.learner.num_actions)
+    def apply_peer_grad(self, sync: SyncPoint, chunk: int, grad: np.ndarray) -> None:
+        """Exact mode: a peer's d(loss)/d(my logits of `chunk`), checked and backpropagated in this thread into a sum
+        apart from .grad (PeerState.apply_grad); my training thread adds it before its optimizer step."""
+        self.state.apply_grad(sync, chunk, grad, self._params)

@@ -3,19 +3,20 @@
 At each sync point the learner asks every peer for its logits on a window of its batch's rows (the peers hold its
 frames: learners/peer/frames.py), streamed back while it computes (learners/peer/fetch.py); each micro-batch then
 takes the peers' logits on its own rows. Detached mode keeps the latest logits per sample as plain targets; exact
-mode turns each peer's logits on the minibatch into a leaf that collects d(KL)/d(peer logits), which goes back to
-the peer after the backward pass, while the peer's gradient for my logits comes in and is backpropagated into mine
-(the forward pass on its rows done again, a micro-batch at a time: learners/peer/state.py, KeptLogits).
+mode turns each peer's logits on a micro-batch into a leaf that collects d(KL)/d(peer logits), which goes back to the
+peer as soon as that micro-batch's backward is done (the peer keeps the graph of only a few chunks of its logits at a
+time), while the peer's gradients for my logits come in and are added to mine before my optimizer step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -34,8 +35,9 @@ class PeerLink(Protocol):
         """The peer's logits on rows `rows` of my batch (whose frames it holds); also (bytes sent, bytes received).
         `on_chunk` sees each chunk as it arrives; `rows_per_chunk` caps the rows per streamed message."""
 
-    def send_grad(self, sync: SyncPoint, grad: np.ndarray) -> int:
-        """Exact mode: d(my loss)/d(peer logits) back to the peer; returns bytes sent."""
+    def send_grads(self, sync: SyncPoint, chunks: Iterable[tuple[int, np.ndarray]]) -> int:
+        """Exact mode: d(my loss)/d(peer logits) back to the peer, chunk by chunk as `chunks` yields them (chunk i:
+        the rows of the i-th chunk of logits it sent); returns bytes sent."""
 
 
 @dataclass
@@ -69,6 +71,25 @@ class SyncStats:
                     staleness_max=int(max(self.staleness, default=0)))
 
 
+class GradStream:
+    """Exact mode: the gradients for one peer's logits of one sync, put chunk by chunk as my backward passes make
+    them, read by the call that sends them (a stream the training thread never waits on until the step)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s, self._queue = timeout_s, queue.SimpleQueue()
+
+    def put(self, chunk: int, grad: np.ndarray) -> None:
+        self._queue.put((chunk, grad))
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        # Bounded: an update that failed between two chunks never closes its streams.
+        while (item := self._queue.get(timeout=self.timeout_s)) is not None:
+            yield item
+
+
 class PeerExchange:
     """The `Peers` (learners/learner.py) of one update over `links` (none: no distillation this update)."""
 
@@ -78,8 +99,8 @@ class PeerExchange:
         self.links, self.state, self.agent, self.pool = links, state, agent, pool
         self.digest, self.num_actions, self.exact = frames_digest, num_actions, exact
         # Detached: chunks of half a micro-batch, so the rows the first micro-batch needs are back about when its
-        # forward ends. Exact: my share of the peers' gradients is backpropagated a micro-batch at a time.
-        self.stream_rows, self.recompute_rows = max(1, microbatch_rows // 2), microbatch_rows
+        # forward ends. Exact: chunks of one micro-batch, each with its gradient.
+        self.stream_rows, self.microbatch_rows = max(1, microbatch_rows // 2), microbatch_rows
         self.timeout_s, self.device = timeout_s, device
         self.peer_ids = [link.peer_id for link in links]
         self.stats = SyncStats()
@@ -88,7 +109,10 @@ class PeerExchange:
         self.position = np.zeros(batch_size, np.int64)      # sample -> its row in the latest sync's stream
         self.fetches: list[PeerFetch] = []
         self.sync_point: SyncPoint | None = None
-        self.live: dict[int, torch.Tensor] = {}       # exact mode: the peers' logits on this minibatch, as leaves
+        self.live: dict[int, torch.Tensor] = {}       # exact mode: the peers' logits on this micro-batch, as leaves
+        self.live_chunk = 0
+        self.streams: dict[int, GradStream] = {}      # exact mode: this sync's gradients to each peer
+        self.sends: list = []
 
     def sync(self, iteration: int, sync_index: int, step: int, window: np.ndarray, perm: np.ndarray) -> None:
         """Ask every peer for its logits on `window` at `step`, streamed in the order the minibatches use it (each
@@ -106,9 +130,9 @@ class PeerExchange:
             self.targets[pid][indices] = logits
             self.target_step[pid][indices] = step
 
-        # Exact mode keeps the peers' logits on the whole window as one leaf and so waits for all of them: one
-        # message, fewer round trips (the peer's core computes them meanwhile).
-        rows_per_chunk = None if self.exact else self.stream_rows
+        # Exact mode asks for chunks of one micro-batch: the gradient of each goes back as soon as my backward
+        # has it, and frees the peer's graph of it.
+        rows_per_chunk = self.microbatch_rows if self.exact else self.stream_rows
         self.fetches = [PeerFetch(link.peer_id, order, self.num_actions, None if self.exact else store)
                         for link in self.links]
         for link, fetch in zip(self.links, self.fetches):
@@ -117,38 +141,50 @@ class PeerExchange:
 
     def logits(self, rows: np.ndarray, start: int) -> dict[int, torch.Tensor]:
         with self.stats.blocked():
-            if self.exact:   # the window is this minibatch: one leaf per peer, sliced per micro-batch
+            if self.exact:   # this micro-batch's chunk of each peer's logits, as a leaf for d(KL)/d(peer logits)
+                self._send_grads()                # the previous micro-batch's backward is done
                 for fetch in self.fetches:
-                    if fetch.peer_id not in self.live:
-                        fetch.wait(len(fetch.logits), self.timeout_s)
-                        self.live[fetch.peer_id] = torch.from_numpy(fetch.logits).to(self.device).requires_grad_(True)
-                return {pid: leaf[start:start + len(rows)] for pid, leaf in self.live.items()}
+                    fetch.wait(start + len(rows), self.timeout_s)
+                self.live_chunk = start // self.microbatch_rows
+                self.live = {f.peer_id: torch.from_numpy(f.logits[start:start + len(rows)]).to(self.device)
+                             .requires_grad_(True) for f in self.fetches}
+                return dict(self.live)
             if self.fetches:
                 need = int(self.position[rows].max()) + 1
                 for fetch in self.fetches:
                     fetch.wait(need, self.timeout_s)
         return {pid: torch.from_numpy(t[rows]).to(self.device) for pid, t in self.targets.items()}
 
+    def _send_grads(self) -> None:
+        """Exact mode: each peer's d(loss)/d(its logits) of the micro-batch just done, onto the sync's streams (opened
+        with the first: a stream's first message must come soon, learners/peer/guard.py)."""
+        if not self.live:
+            return
+        if not self.streams:
+            self.streams = {link.peer_id: GradStream(self.timeout_s) for link in self.links}
+            self.sends = [self.pool.submit(link.send_grads, self.sync_point, self.streams[link.peer_id])
+                          for link in self.links]
+        for pid, leaf in self.live.items():
+            self.streams[pid].put(self.live_chunk, leaf.grad.cpu().numpy())
+        self.live = {}
+
     def before_step(self, mb: np.ndarray) -> None:
-        """Account staleness; exact mode sends each peer d(loss)/d(its logits), waits for every peer's gradient for
-        mine and backpropagates them here, in my training thread (in the server's thread my own update would wait
-        for it on my core while the peer, done first, idles)."""
+        """Account staleness; exact mode sends the last gradients, waits for every peer's gradient for my logits
+        (backpropagated as they came, learners/peer/state.py: apply_grad) and adds their sum to mine."""
         if not self.exact:
             self.stats.staleness.extend(int(self.state.step - self.target_step[pid][mb].min()) for pid in self.targets)
             return
-        sync = self.sync_point
-        self.stats.staleness.extend(0 for _ in self.live)
+        self.stats.staleness.extend(0 for _ in self.links)
         with self.stats.blocked():
-            futures = [self.pool.submit(link.send_grad, sync, self.live[link.peer_id].grad.cpu().numpy())
-                       for link in self.links]
-            self.stats.bytes_sent += sum(f.result() for f in futures)
-            self.live = {}
-            self.state.wait_for_peers(sync.step)
-        for kept in self.state.take_grads(sync.step):     # the forward pass again, with its graph, a chunk at a time
-            grad = torch.from_numpy(kept.grad).to(self.device)
-            for start in range(0, kept.rows, self.recompute_rows):
-                rows = kept.index[start:start + self.recompute_rows]
-                self.agent.logits(kept.frames[rows].to(self.device)).backward(grad[start:start + len(rows)])
+            self._send_grads()
+            for stream in self.streams.values():
+                stream.close()
+            self.stats.bytes_sent += sum(f.result(timeout=self.timeout_s) for f in self.sends)
+            self.streams, self.sends = {}, []
+            self.state.wait_for_peers(self.sync_point.step)
+        for param, grad in zip(self.agent.parameters(), self.state.take_grads(self.sync_point.step)):
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
 
     def optimizer_step(self, step: Callable[[], None]) -> None:
         _, waited = self.state.advance(step)

@@ -3,7 +3,7 @@ learners' math through their real exchange without a wire, and for debugging one
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -25,6 +25,7 @@ class InProcessLink:
                 on_chunk(logits)
         return np.concatenate(chunks), 0, 0
 
-    def send_grad(self, sync: SyncPoint, grad: np.ndarray) -> int:
-        self.peer.apply_peer_grad(sync, np.ascontiguousarray(grad, np.float32))
+    def send_grads(self, sync: SyncPoint, chunks: Iterable[tuple[int, np.ndarray]]) -> int:
+        for chunk, grad in chunks:
+            self.peer.apply_peer_grad(sync, chunk, np.ascontiguousarray(grad, np.float32))
         return 0

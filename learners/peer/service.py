@@ -38,25 +38,25 @@ class DistillServicer(pb_grpc.DistillServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
 
     def PeerGrad(self, request_iterator, context) -> pb.GradAck:
-        grads, sync = [], None
+        """Exact mode: the caller's gradients for my logits, a chunk a message, each backpropagated as it comes."""
+        chunks, sync = 0, None
         try:
-            for i, msg in enumerate(request_iterator):
-                if sync is None:
-                    sync = sync_from(msg.sync)
-                if msg.chunk_index != i or sync_from(msg.sync) != sync:
-                    raise ValueError(f"chunk {msg.chunk_index} out of order or from another sync (expected {i})")
+            for msg in request_iterator:
+                sync = sync or sync_from(msg.sync)
+                if sync_from(msg.sync) != sync:
+                    raise ValueError(f"chunk {msg.chunk_index} from another sync")
                 grad = from_ndarray(msg.grad)
                 if grad.dtype != np.float32 or not np.isfinite(grad).all():
                     raise ValueError("gradients must be finite float32")
-                grads.append(grad)
+                self.endpoint.apply_peer_grad(sync, msg.chunk_index, grad)
+                chunks += 1
             if sync is None:
                 raise ValueError("empty request stream")
-            self.endpoint.apply_peer_grad(sync, np.concatenate(grads))
         except (ValueError, ProtocolError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except SyncError as err:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
-        return pb.GradAck(step=sync.step, chunks=len(grads))
+        return pb.GradAck(step=sync.step, chunks=chunks)
 
 
 def serve(endpoint: PeerEndpoint, host: str, port: int, security: ChannelSecurity = ChannelSecurity(),

@@ -1,8 +1,9 @@
 """A learner's side of its syncs, and its weights version.
 
 The training thread and the gRPC server's threads meet here: which peers have read my weights at which step, the
-copies of my weights kept for peers that read late (detached mode), which of a peer's rows I served until the
-peer's gradient for my logits on them comes back (exact mode), and the step counter those all refer to. The learner's one lock
+copies of my weights kept for peers that read late (detached mode), my logits served to a peer with their graphs,
+chunk by chunk, until the peer's gradient for them comes back, and the sum of those gradients' backward passes
+(exact mode), and the step counter those all refer to. The learner's one lock
 lives in this class and no other code takes it.
 """
 
@@ -29,19 +30,10 @@ SNAPSHOT_SLOTS = 2
 T = TypeVar("T")
 
 
-@dataclass
-class KeptLogits:
-    """Exact mode: the states I served a peer my logits on at one step (rows `index` of its `frames`), and the peer's
-    d(its loss)/d(those logits) once it has come back. Not the logits' graph: a minibatch's graph at the paper's
-    shape is gigabytes, so the forward pass is done again, a micro-batch at a time, when the gradient is here
-    (PeerExchange.before_step; my weights have not moved meanwhile)."""
-    frames: torch.Tensor
-    index: torch.Tensor
-    grad: np.ndarray | None = None
-
-    @property
-    def rows(self) -> int:
-        return len(self.index)
+# Exact mode: my logits served to a peer keep their graph until the peer's gradient for them is back. A peer sends
+# the gradient of each chunk (one micro-batch of its rows) as soon as its backward has it, so a few chunks' graphs
+# are in flight at a time, not a minibatch's (gigabytes at the paper's shape); the serving waits for room.
+GRAPHS_IN_FLIGHT = 4
 
 
 class PeerState:
@@ -51,7 +43,9 @@ class PeerState:
         self.peer_ids: set[int] = set()
         self._cond = threading.Condition()
         self._served: Counter[int] = Counter()                 # step -> peers whose logits request was answered
-        self._kept: dict[tuple[int, int], KeptLogits] = {}     # (peer, step) -> exact mode's kept logits
+        self._graphs: dict[tuple[int, int, int], torch.Tensor] = {}   # exact: (peer, step, chunk) -> my logits
+        self._applying: set[tuple[int, int, int]] = set()             # exact: chunks being backpropagated now
+        self._grad_sums: dict[int, list[torch.Tensor | None]] = {}     # exact: step -> the peers' share of my .grad
         self._snapshots: dict[int, torch.nn.Module] = {}       # detached mode: step -> my weights at that step
         self._free_snapshots: list[torch.nn.Module] = []
         self._live_readers = 0                                 # detached-mode reads of the live weights right now
@@ -83,24 +77,24 @@ class PeerState:
             self._cond.notify_all()
 
     def wait_for_peers(self, step: int) -> None:
-        """Exact-mode barrier: every peer has read my weights at `step` and sent its gradient back."""
+        """Exact-mode barrier: every peer has read my weights at `step` and sent the gradient of every chunk back."""
         need = len(self.peer_ids)
 
-        def grads_in() -> int:
-            return sum(1 for (_, s), k in self._kept.items() if s == step and k.grad is not None)
+        def open_graphs() -> int:
+            return sum(1 for (_, s, _) in self._graphs if s == step)
 
         with self._cond:
-            if not self._cond.wait_for(lambda: self._served[step] >= need and grads_in() >= need,
+            if not self._cond.wait_for(lambda: self._served[step] >= need and not open_graphs(),
                                        timeout=self.timeout_s):
                 raise SyncTimeout(f"learner {self.id}: peers did not complete the sync at step {step} within "
-                                f"{self.timeout_s}s (served {self._served[step]}/{need}, gradients {grads_in()}/{need}); "
-                                "is a peer down?")
+                                  f"{self.timeout_s}s (served {self._served[step]}/{need}, {open_graphs()} chunks "
+                                  "without their gradient); is a peer down?")
 
-    def take_grads(self, step: int) -> list[KeptLogits]:
-        """Exact mode: the kept logits of `step` with the gradients the peers sent for them, handed over once."""
+    def take_grads(self, step: int) -> list[torch.Tensor | None]:
+        """Exact mode: the peers' gradients of `step` backpropagated into my parameters, summed (one per
+        parameter, None where none reached it), handed over once."""
         with self._cond:
-            keys = [key for key, kept in self._kept.items() if key[1] == step and kept.grad is not None]
-            return [self._kept.pop(key) for key in keys]
+            return self._grad_sums.pop(step, [])
 
     def advance(self, optimizer_step: Callable[[], T]) -> tuple[T, float]:
         """Run `optimizer_step` (which changes my live weights) once no peer is reading them, and move to the next
@@ -110,7 +104,8 @@ class PeerState:
             self._cond.wait_for(lambda: not self._live_readers)
             waited = time.perf_counter() - t0
             result = optimizer_step()
-            self._kept = {k: v for k, v in self._kept.items() if k[1] > self.step}
+            self._graphs = {k: v for k, v in self._graphs.items() if k[1] > self.step}
+            self._grad_sums = {k: v for k, v in self._grad_sums.items() if k > self.step}
             self.step += 1
             need = len(self.peer_ids)
             self._served = Counter({s: n for s, n in self._served.items() if s >= self.step or n < need})
@@ -123,7 +118,8 @@ class PeerState:
             self._free_snapshots.extend(self._snapshots.values())
             self._snapshots.clear()
             self._served.clear()
-            self._kept.clear()
+            self._graphs.clear()
+            self._grad_sums.clear()
             self.step = step
             self._cond.notify_all()
 
@@ -168,27 +164,53 @@ class PeerState:
                     self._live_readers -= 1
                     self._cond.notify_all()
 
-    def served(self, sync: SyncPoint, kept: KeptLogits | None) -> None:
-        """A peer's logits request is answered; exact mode keeps which states, for the gradient to come."""
+    def served(self, sync: SyncPoint) -> None:
+        """A peer's logits request is answered (exact mode: every chunk is served, its graph kept)."""
         with self._cond:
-            if kept is not None:
-                self._kept[(sync.peer_id, sync.step)] = kept
             self._served[sync.step] += 1
             if self._served[sync.step] >= len(self.peer_ids) and sync.step in self._snapshots:
                 self._free_snapshots.append(self._snapshots.pop(sync.step))   # read by every peer
             self._cond.notify_all()
 
-    def queue_grad(self, sync: SyncPoint, grad: np.ndarray, num_actions: int) -> None:
-        """Exact mode: a peer's gradient for the logits I kept for it at `sync.step`, checked and queued."""
+    def keep_graph(self, sync: SyncPoint, chunk: int, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Exact mode: `forward()`, my logits of `chunk` for a peer with their graph, kept until its gradient comes
+        back. Runs once fewer than GRAPHS_IN_FLIGHT of that peer's chunks are waiting for theirs."""
+        key = (sync.peer_id, sync.step)
+        with self._cond:
+            if not self._cond.wait_for(lambda: sum(k[:2] == key for k in self._graphs) < GRAPHS_IN_FLIGHT,
+                                       timeout=self.timeout_s):
+                raise SyncTimeout(f"learner {self.id}: peer {sync.peer_id} sent no gradient for my logits of step "
+                                  f"{sync.step} within {self.timeout_s}s")
+        logits = forward()
+        with self._cond:
+            self._graphs[(*key, chunk)] = logits
+        return logits
+
+    def apply_grad(self, sync: SyncPoint, chunk: int, grad: np.ndarray, params: list[torch.Tensor]) -> None:
+        """Exact mode: a peer's d(its loss)/d(my logits of `chunk`), backpropagated here (the caller's thread) into a
+        sum of my own, apart from .grad, which my training thread is filling meanwhile (take_grads)."""
         if sync.peer_id not in self.peer_ids:
             raise SyncError(f"learner {self.id}: unknown peer id {sync.peer_id}")
+        key = (sync.peer_id, sync.step, chunk)
         with self._cond:
-            kept = self._kept.get((sync.peer_id, sync.step))
-            if kept is None or self.step != sync.step or kept.grad is not None:
-                raise SyncError(f"learner {self.id}: no logits kept for peer {sync.peer_id} at step {sync.step} "
-                                f"(at step {self.step})")
-            if grad.shape != (kept.rows, num_actions):
+            logits = self._graphs.get(key)
+            if logits is None or self.step != sync.step or key in self._applying:
+                raise SyncError(f"learner {self.id}: no logits kept for peer {sync.peer_id} at step {sync.step}, "
+                                f"chunk {chunk} (at step {self.step})")
+            if grad.shape != tuple(logits.shape):
                 raise ProtocolError(f"peer {sync.peer_id} sent a gradient of shape {grad.shape} for the "
-                                    f"({kept.rows}, {num_actions}) logits it was sent")
-            kept.grad = grad
+                                    f"{tuple(logits.shape)} logits of chunk {chunk} it was sent")
+            self._applying.add(key)
+        try:
+            grads = torch.autograd.grad(logits, params, torch.from_numpy(grad).to(logits.device), allow_unused=True)
+        finally:
+            with self._cond:
+                self._applying.discard(key)
+        with self._cond:
+            if self._graphs.pop(key, None) is None:      # dropped meanwhile (a reset): the sum is not wanted
+                return
+            total = self._grad_sums.setdefault(sync.step, [None] * len(params))
+            for i, g in enumerate(grads):
+                if g is not None:
+                    total[i] = g if total[i] is None else total[i] + g
             self._cond.notify_all()

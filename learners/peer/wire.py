@@ -36,8 +36,3 @@ def sync_from(msg: pb.SyncPoint) -> SyncPoint:
 
 def sync_msg(sync: SyncPoint) -> pb.SyncPoint:
     return pb.SyncPoint(peer_id=sync.peer_id, iteration=sync.iteration, sync_index=sync.sync_index, step=sync.step)
-
-
-def chunk_rows(array: np.ndarray) -> int:
-    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
-    return max(1, CHUNK_BYTES // row_bytes)
