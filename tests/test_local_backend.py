@@ -205,3 +205,17 @@ def test_a_resumed_run_seeds_its_actors_at_the_checkpoints_iteration(tmp_path):
     expected = [[actor_seed(cfg, i, a, 2) for a in range(cfg.num_actors)] for i in range(cfg.num_learners)]
     assert seeds == expected and expected != [[actor_seed(cfg, i, a, 0) for a in range(cfg.num_actors)]
                                                for i in range(cfg.num_learners)]
+
+
+def test_with_the_policy_lag_both_backends_train_the_same_numbers(tmp_path):
+    """--policy-lag: each iteration trains on rollouts collected during the previous update. The learners' peers
+    must hold the frames being trained on, never the next iteration's: the Ray run's loss terms (every KL term
+    included) and weights equal the single-process reference's, which computes the peers' logits on the very batch."""
+    common = ("--preset", "cartpole", "--total-steps", str(3 * BATCH), "--eval-every", "0", "--metrics-port", "-1",
+              "--policy-lag", "true")
+    mdpo(*common, "--backend", "ray", "--run-dir", str(tmp_path / "ray"))
+    mdpo(*common, "--backend", "local", "--run-dir", str(tmp_path / "local"))
+    ray_log, local_log = records(tmp_path / "ray"), records(tmp_path / "local")
+    assert [max(l["version_lag"] for l in r["learners"]) for r in ray_log] == [0, 16, 16]    # lagged from iteration 2
+    assert_same_training(ray_log, local_log, rel=1e-4)
+    assert_same_states(learner_states(tmp_path / "ray", 3), learner_states(tmp_path / "local", 3), rel=1e-4)
