@@ -21,7 +21,7 @@ from actors.envs import (ProcgenVectorEnv, get_reward_normalizer_state, is_procg
                          set_reward_normalizer_state)
 from actors.evaluator import Evaluator
 from actors.probes import build_probe_set
-from learners.records import ActorReport, ProbeSet, Rollout, ServedPolicy, Weights
+from learners.records import ActorReport, ProbeSet, Rollout, ServedPolicy, Weights, frames_digest
 from learners.config import TrainConfig
 from learners.model import make_agent, sample_actions, warn_if_emulated_bf16
 from learners.telemetry.actor import ActorTelemetry
@@ -136,9 +136,10 @@ class RolloutWorker:
                 ep_lengths.extend(np.asarray(info["episode"]["l"])[done_mask].tolist())
         next_value = act(self.obs)[1].numpy()
         self.env_steps += T * N
+        # The digest here, once, on the actor's core, rather than by each learner that holds the frames.
         return Rollout(self.learner_id, self.actor_id, version, obs_buf, actions, logprobs, values, rewards,
                        dones, next_value, np.asarray(ep_returns, np.float32), np.asarray(ep_lengths, np.int64),
-                       time.perf_counter() - t0, infer)
+                       time.perf_counter() - t0, infer, frames_digest(obs_buf) if cfg.distilling else "")
 
     def get_state(self) -> dict:
         """What a checkpoint needs to continue this actor: reward-normaliser statistics."""

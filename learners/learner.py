@@ -3,8 +3,8 @@
 The math alone: the peers' logits come from one narrow interface (`Peers`: asked at each sync point for the rows of
 a window, then per micro-batch), and it gets one hook before each optimizer step (exact mode's peer gradients) and
 one around it (a peer may be reading my weights). Serving, weight snapshots, threads and the wire live in
-learners/peer/ (PeerEndpoint.exchange makes a `Peers` over gRPC or in process). learners/reference.py is the same
-update of every learner at once in one process.
+learners/peer/ (PeerEndpoint.update runs an update with a `Peers` over gRPC or in process). learners/reference.py
+is the same update of every learner at once in one process.
 """
 
 from __future__ import annotations

@@ -57,26 +57,36 @@ class Rollout:
     episode_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     collect_seconds: float = 0.0
     inference_seconds: float = 0.0
-    digest: str = ""          # of the frames, made where they are made (the actor): tells re-collected frames apart
-
-    def __post_init__(self):
-        if not self.digest:
-            self.digest = hashlib.blake2b(np.ascontiguousarray(self.obs).data, digest_size=16).hexdigest()
+    digest: str = ""          # frames_digest(obs), made by the actor when the run distills; "": not made
 
     @property
     def env_steps(self) -> int:
         return int(self.actions.size)
 
 
-def batch_frames(rollouts: list[Rollout]) -> tuple[np.ndarray, str]:
-    """The observations of a batch made of `rollouts`, in its row order, and their digest. The one place that order is
-    set: a learner trains on these rows (Batch.from_rollouts) and its peers answer for them (learners/peer/frames.py).
+def frames_digest(obs: np.ndarray) -> str:
+    """What tells a rollout's frames apart from those of the same iteration collected again (after a rollback, or a
+    `collect` Ray ran again): the peers that hold them check it on every request (learners/peer/frames.py)."""
+    return hashlib.blake2b(np.ascontiguousarray(obs).data, digest_size=16).hexdigest()
+
+
+def batch_obs(rollouts: list[Rollout]) -> np.ndarray:
+    """The observations of a batch made of `rollouts`, in its row order: the one place that order is set, for the
+    learner that trains on them (Batch.from_rollouts) and the peers that answer for them (learners/peer/frames.py).
     One rollout is used in place: no copy of its frames (200 MB at the paper's shape)."""
     parts = [r.obs.reshape(-1, *r.obs.shape[2:]) for r in rollouts]
-    obs = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
-    digest = rollouts[0].digest if len(rollouts) == 1 else hashlib.blake2b(
-        "".join(r.digest for r in rollouts).encode(), digest_size=16).hexdigest()
-    return obs, digest
+    return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def batch_digest(rollouts: list[Rollout]) -> str:
+    """The digest of a batch's frames, from its rollouts' (made here where an actor did not make one)."""
+    digests = [r.digest or frames_digest(r.obs) for r in rollouts]
+    return digests[0] if len(digests) == 1 else hashlib.blake2b("".join(digests).encode(), digest_size=16).hexdigest()
+
+
+def batch_frames(rollouts: list[Rollout]) -> tuple[np.ndarray, str]:
+    """A batch's frames and their digest: what its learner's peers hold."""
+    return batch_obs(rollouts), batch_digest(rollouts)
 
 
 @dataclass
@@ -170,10 +180,7 @@ class Batch:
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
                 tensor = torch.from_numpy(array)
             return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
-        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "digest"},
-                     digest=self.digest)
-
-    digest: str = ""          # of the frames (batch_frames)
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     @classmethod
     def from_rollouts(cls, rollouts: list[Rollout], gamma: float, gae_lambda: float) -> "Batch":
@@ -183,9 +190,8 @@ class Batch:
             for name, array in (("actions", r.actions), ("logprobs", r.logprobs), ("values", r.values),
                                 ("advantages", advantages), ("returns", returns)):
                 parts[name].append(array.reshape(-1, *array.shape[2:]))
-        obs, digest = batch_frames(rollouts)
-        return cls(obs=obs, **{k: np.ascontiguousarray(v[0] if len(v) == 1 else np.concatenate(v))
-                               for k, v in parts.items()}, digest=digest)
+        return cls(obs=batch_obs(rollouts), **{k: np.ascontiguousarray(v[0] if len(v) == 1 else np.concatenate(v))
+                                               for k, v in parts.items()})
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from learners.records import Rollout
+from learners.records import Rollout, frames_digest
 
 
 def synthetic_rollout(learner_id: int, obs_shape, obs_dtype, num_actions: int, num_steps: int, num_envs: int,
@@ -22,4 +22,5 @@ def synthetic_rollout(learner_id: int, obs_shape, obs_dtype, num_actions: int, n
         values=rng.normal(size=(num_steps, num_envs)).astype(np.float32),
         rewards=rng.normal(size=(num_steps, num_envs)).astype(np.float32),
         dones=rng.uniform(size=(num_steps, num_envs)) < 0.1,
-        next_value=rng.normal(size=num_envs).astype(np.float32))
+        next_value=rng.normal(size=num_envs).astype(np.float32),
+        digest=frames_digest(obs))      # as a distilling run's actor makes it

@@ -3,7 +3,7 @@ and answers them (`serve_logits`, `apply_peer_grad`: learners/peer/service.py pu
 
 What the asking and the answering sides share lives here: my weights version and the syncs in progress
 (PeerState), my peers' frames (PeerFrames), and the threads the requests run in. The Learner sees none of it:
-each update gets a PeerExchange (the `Peers` of learners/learner.py) from `exchange`.
+`update` gives each of its updates a PeerExchange (the `Peers` of learners/learner.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from learners.peer.exchange import PeerExchange, PeerLink
 from learners.peer.frames import PeerFrames
 from learners.peer.state import PeerState
 from learners.peer.sync import SyncPoint
-from learners.records import Batch, Rollout, Weights, batch_frames
+from learners.records import Batch, Rollout, Weights, batch_digest, batch_frames
 from learners.schedule import IterationPlan
 
 
@@ -49,9 +49,11 @@ class PeerEndpoint:
         """The learner's update of `plan.iteration` on `rollouts`, meeting the peers at the plan's sync points."""
         cfg, learner = self.cfg, self.learner
         batch = Batch.from_rollouts(rollouts, cfg.gamma, cfg.gae_lambda)
-        exchange = PeerExchange(self.links if plan.distill else [], self.state, learner.agent, self._pool, batch.size,
-                                batch.digest, learner.num_actions, cfg.distill_mode == "exact",
-                                cfg.microbatch_size or cfg.minibatch_size, cfg.sync_timeout_s, learner.device)
+        links = self.links if plan.distill else []
+        exchange = PeerExchange(links, self.state, learner.agent, self._pool, batch.size,
+                                batch_digest(rollouts) if links else "", learner.num_actions,
+                                cfg.distill_mode == "exact", cfg.microbatch_size or cfg.minibatch_size,
+                                cfg.sync_timeout_s, learner.device)
         return learner.update(batch, plan, exchange)
 
     def hold_frames(self, peer_id: int, iteration: int, rollouts: list[Rollout]) -> None:
