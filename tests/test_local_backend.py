@@ -18,6 +18,7 @@ import torch
 
 from learners.checkpoint import load_checkpoint, tensors_from_bytes
 from tests.helpers import check_tensorboard_matches_metrics
+from tests.test_faults import iterations_logged, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -132,13 +133,10 @@ def test_ctrl_c_checkpoints_and_stops_a_local_run(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "learners.cli", "train", "--backend", "local", "--preset",
                              "cartpole", "--eval-every", "0", "--checkpoint-every", "100", "--metrics-port", "-1",
                              "--progress", "false", "--run-dir", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-6000:]
-        time.sleep(0.1)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: iterations_logged(run) >= 2, 300, proc, "2 iterations")
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    err, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-6000:]
     done = len(records(run))
     assert 2 <= done < 118 and load_checkpoint(run / "checkpoints" / f"ckpt-{done:06d}").iteration == done
