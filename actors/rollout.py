@@ -136,10 +136,12 @@ class RolloutWorker:
                 ep_lengths.extend(np.asarray(info["episode"]["l"])[done_mask].tolist())
         next_value = act(self.obs)[1].numpy()
         self.env_steps += T * N
-        # The digest here, once, on the actor's core, rather than by each learner that holds the frames.
+        # Where peers will hold the frames (distilling learners on Ray): their digest here, once, on the actor's core,
+        # rather than by each learner that holds them.
+        held = cfg.distilling and cfg.backend == "ray"
         return Rollout(self.learner_id, self.actor_id, version, obs_buf, actions, logprobs, values, rewards,
                        dones, next_value, np.asarray(ep_returns, np.float32), np.asarray(ep_lengths, np.int64),
-                       time.perf_counter() - t0, infer, frames_digest(obs_buf) if cfg.distilling else "")
+                       time.perf_counter() - t0, infer, frames_digest(obs_buf) if held else "")
 
     def get_state(self) -> dict:
         """What a checkpoint needs to continue this actor: reward-normaliser statistics."""
