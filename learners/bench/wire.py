@@ -27,8 +27,10 @@ def _server(num_actions: int) -> tuple[grpc.Server, int]:
             rows += msg.shape[0]
         yield to_ndarray(np.zeros((rows, num_actions), np.float32)).SerializeToString()
 
-    def take(requests, context):
-        return b"".join(r[:0] for r in requests)
+    def take(requests, context):      # the gradient's messages, read to the end; an empty answer
+        for _ in requests:
+            pass
+        return b""
 
     handler = grpc.method_handlers_generic_handler("mdpo.bench.Wire", {
         "Logits": grpc.stream_stream_rpc_method_handler(answer), "Grad": grpc.stream_unary_rpc_method_handler(take)})
